@@ -1,0 +1,131 @@
+"""The small protocols every backend implements, their value types, and the factory registry.
+
+Nothing here imports an ML library: a factory imports its library when it is called, on the owner
+thread of the model it loads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from config import Settings, TierConfig
+
+
+# ---------------------------------------------------------------- chat
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float
+    top_p: float
+    top_k: int
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    grammar: str | None = None  # a GBNF grammar constraining the output (llama.cpp)
+
+
+@dataclass
+class GenerationJob:
+    """One sequence to generate. The owner thread reads it; `cancelled` may be set from any thread."""
+
+    prompt_tokens: list[int]
+    params: SamplingParams
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # Filled by the scheduler:
+    completion_tokens: int = 0
+    state: Any = None  # the backend's per-sequence state (slot, sampler, detokenizer)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one decode step produced for one sequence."""
+
+    job: GenerationJob
+    text: str  # complete UTF-8 text for the token (may be "" while a multi-byte char is pending)
+    token: int
+    end_of_generation: bool  # the model emitted an end-of-generation token (not part of the text)
+
+
+class ChatModel(Protocol):
+    """A loaded chat/completions model, used only from its owner thread.
+
+    The scheduler drives it like mlx-lm's BatchGenerator: insert sequences, step them all one token,
+    remove finished ones. A backend without batching reports `max_parallel == 1`.
+    """
+
+    context_length: int
+    max_parallel: int
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of a prompt, with the BOS token the model expects and special tokens parsed."""
+        ...
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None) -> str:
+        """The prompt text for a conversation, ending with the assistant's generation prompt."""
+        ...
+
+    def insert(self, job: GenerationJob) -> None:
+        """Start a sequence (prefill may happen here or in the next steps)."""
+        ...
+
+    def step(self) -> list[StepOutput]:
+        """Advance every active sequence by one token."""
+        ...
+
+    def remove(self, job: GenerationJob) -> None:
+        """Drop a sequence and free its memory."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------- embeddings and rerank
+
+
+@dataclass
+class EmbeddingResult:
+    dense: list[list[float]] | None = None
+    sparse: list[dict[int, float]] | None = None  # token id -> weight
+    colbert: list[list[list[float]]] | None = None
+    token_counts: list[int] = field(default_factory=list)
+
+
+class Embedder(Protocol):
+    """A loaded embedding model, used only from its owner thread."""
+
+    dimension: int
+    max_input_tokens: int
+    supported_types: tuple[str, ...]  # subset of ("dense", "sparse", "colbert")
+
+    def embed(self, texts: Sequence[str], types: Sequence[str], truncate: bool) -> EmbeddingResult: ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+
+    def close(self) -> None: ...
+
+
+class Reranker(Protocol):
+    """A loaded reranker, used only from its owner thread. Scores are raw logits or similarities."""
+
+    kind: str  # shown in /v1/models owned_by: "cross-encoder", "flag-reranker", "similarity", ...
+
+    def score(self, query: str, documents: Sequence[str]) -> list[float]: ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------- registry
+
+# A factory loads the model of a tier; it is called on the model's owner thread and returns a
+# ChatModel, Embedder or Reranker. Keys are "kind:backend", e.g. "chat:llamacpp". The settings let a
+# tier read another tier's config (the similarity reranker loads the embedding tier's model).
+Factory = Callable[[TierConfig, Settings], Any]

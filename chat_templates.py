@@ -1,0 +1,155 @@
+"""Chat templates: render a conversation into the prompt text a model was trained on.
+
+A GGUF usually carries its Jinja template in `tokenizer.chat_template`; it is rendered in a sandbox
+(templates come from model files, which we do not trust to run code). A GGUF without one gets its
+architecture's template: llama-cpp-python's silent fallback to a Llama-2 format makes Gemma answer
+nothing. `{TIER}_CHAT_FORMAT` names a built-in template; `{TIER}_CHAT_TEMPLATE` is Jinja text or a
+path to a file with it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from errors import InvalidRequest
+
+GEMMA = """\
+{{- bos_token -}}
+{%- set ns = namespace(system='') -%}
+{%- for message in messages -%}
+{%- if message['role'] in ('system', 'developer') -%}
+{%- set ns.system = ns.system + message['content'] + '\n\n' -%}
+{%- endif -%}
+{%- endfor -%}
+{%- set ns.first = true -%}
+{%- for message in messages if message['role'] not in ('system', 'developer') -%}
+{%- set role = 'model' if message['role'] == 'assistant' else 'user' -%}
+<start_of_turn>{{ role }}
+{% if ns.first and role == 'user' %}{{ ns.system }}{% set ns.first = false %}{% endif -%}
+{{ message['content'] | trim }}<end_of_turn>
+{% endfor -%}
+{%- if add_generation_prompt -%}<start_of_turn>model
+{% endif -%}
+"""
+
+CHATML = """\
+{%- for message in messages -%}
+<|im_start|>{{ 'system' if message['role'] == 'developer' else message['role'] }}
+{{ message['content'] }}<|im_end|>
+{% endfor -%}
+{%- if add_generation_prompt -%}<|im_start|>assistant
+{% endif -%}
+"""
+
+LLAMA3 = """\
+{{- bos_token -}}
+{%- for message in messages -%}
+<|start_header_id|>{{ 'system' if message['role'] == 'developer' else message['role'] }}<|end_header_id|>
+
+{{ message['content'] | trim }}<|eot_id|>
+{%- endfor -%}
+{%- if add_generation_prompt -%}<|start_header_id|>assistant<|end_header_id|>
+
+{% endif -%}
+"""
+
+MISTRAL = """\
+{{- bos_token -}}
+{%- for message in messages -%}
+{%- if message['role'] == 'assistant' -%}{{ message['content'] }}{{ eos_token }}
+{%- else -%}[INST] {{ message['content'] }} [/INST]{%- endif -%}
+{%- endfor -%}
+"""
+
+PHI3 = """\
+{%- for message in messages -%}
+<|{{ 'system' if message['role'] == 'developer' else message['role'] }}|>
+{{ message['content'] }}<|end|>
+{% endfor -%}
+{%- if add_generation_prompt -%}<|assistant|>
+{% endif -%}
+"""
+
+# Plain text, for base models used as completers.
+RAW = """\
+{%- for message in messages -%}{{ message['content'] }}
+{% endfor -%}
+"""
+
+BUILTIN_TEMPLATES = {"gemma": GEMMA, "chatml": CHATML, "llama3": LLAMA3, "mistral": MISTRAL, "phi3": PHI3, "raw": RAW}
+
+# general.architecture of a GGUF -> the template its family was trained with.
+ARCHITECTURE_TEMPLATES = {
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "gemma3n": "gemma",
+    "qwen2": "chatml",
+    "qwen3": "chatml",
+    "qwen2moe": "chatml",
+    "phi3": "phi3",
+    "llama": "llama3",
+    "mistral": "mistral",
+}
+
+
+def _raise(message: str) -> None:
+    raise InvalidRequest(f"The chat template refused the conversation: {message}")
+
+
+@lru_cache(maxsize=32)
+def _compile(source: str) -> Any:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    return env.from_string(source)
+
+
+def select_template(chat_template: str, chat_format: str, gguf_template: str | None, architecture: str) -> str:
+    """Pick the template: explicit Jinja > named format > the file's own > the architecture's."""
+    if chat_template:
+        path = Path(chat_template)
+        if "{" not in chat_template and path.is_file():
+            return path.read_text(encoding="utf-8")
+        return chat_template
+    if chat_format:
+        if chat_format not in BUILTIN_TEMPLATES:
+            raise ValueError(f"unknown chat format {chat_format!r} (choose one of {', '.join(BUILTIN_TEMPLATES)})")
+        return BUILTIN_TEMPLATES[chat_format]
+    if gguf_template:
+        return gguf_template
+    return BUILTIN_TEMPLATES[ARCHITECTURE_TEMPLATES.get(architecture, "chatml")]
+
+
+def render(
+    template: str,
+    messages: Sequence[dict[str, Any]],
+    *,
+    bos_token: str,
+    eos_token: str,
+    tools: Sequence[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+) -> str:
+    """Render a conversation; template errors become a 400, never a 500."""
+    import jinja2
+
+    try:
+        return _compile(template).render(
+            messages=list(messages),
+            tools=list(tools) if tools else None,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except InvalidRequest:
+        raise
+    except jinja2.TemplateError as exc:
+        raise InvalidRequest(f"The chat template failed on this conversation: {exc}") from None

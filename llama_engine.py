@@ -1,0 +1,274 @@
+"""LlamaCppChat: a GGUF chat model driven through llama.cpp's batch API.
+
+One llama context holds `{TIER}_PARALLEL` sequences (one KV stream each, `N_CTX` tokens per
+sequence). Every `step()` builds one batch: the last sampled token of each generating sequence plus
+prompt chunks of sequences still prefilling (chunked, so a long prompt never stalls the others), runs
+one `llama_decode`, and samples each sequence with its own sampler chain. A slot keeps its tokens'
+KV after a request leaves, so the next request sharing a prefix (a chat's next turn) prefills only
+the new tokens.
+
+Everything here runs on the model's owner thread (see scheduler.py), except `tokenize`, which only
+reads the immutable vocabulary.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import os
+import random
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import chat_templates
+from backends import GenerationJob, SamplingParams, StepOutput
+from config import TierConfig
+from errors import BackendError, InvalidRequest
+
+log = logging.getLogger("llmservice.llamacpp")
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _init_backend() -> Any:
+    global _backend_ready
+    import llama_cpp
+
+    with _backend_lock:
+        if not _backend_ready:
+            # llama.cpp prints every load detail to stderr unless its logger's level is raised.
+            level = logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR
+            logging.getLogger("llama-cpp-python").setLevel(level)
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+    return llama_cpp
+
+
+@dataclass
+class _Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
+    busy: bool = False
+
+
+@dataclass
+class _Sequence:
+    job: GenerationJob
+    slot: _Slot
+    pending: list[int]  # prompt tokens not yet decoded
+    sampler: Any
+    decoder: Any
+    last_token: int | None = None  # sampled, not yet fed to the model
+    reused_tokens: int = 0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class LlamaCppChat:
+    """A ChatModel over llama.cpp with continuous batching and per-slot prefix reuse."""
+
+    def __init__(self, tier: TierConfig, path: str) -> None:
+        lib = _init_backend()
+        from llama_cpp import _internals
+
+        self._lib = lib
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        model_params = lib.llama_model_default_params()
+        model_params.n_gpu_layers = tier.n_gpu_layers if tier.n_gpu_layers >= 0 else 999
+        model_params.use_mmap = tier.use_mmap
+        model_params.use_mlock = tier.use_mlock
+        self._model = _internals.LlamaModel(path_model=path, params=model_params, verbose=False)
+        self.max_parallel = tier.parallel
+        threads = tier.n_threads or max(1, os.cpu_count() or 1)
+        self._n_batch = max(tier.n_batch, tier.parallel)
+        ctx_params = lib.llama_context_default_params()
+        ctx_params.n_ctx = tier.n_ctx * tier.parallel
+        ctx_params.n_batch = self._n_batch
+        ctx_params.n_ubatch = min(self._n_batch, 512)
+        ctx_params.n_seq_max = tier.parallel
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = threads
+        ctx_params.kv_unified = False  # one KV stream per sequence: compact attention, a fixed budget each
+        ctx_params.swa_full = True  # sliding-window models keep full KV so a prefix can be reused
+        ctx_params.no_perf = True
+        self._ctx = _internals.LlamaContext(model=self._model, params=ctx_params, verbose=False)
+        self._memory = lib.llama_get_memory(self._ctx.ctx)
+        self.context_length = int(lib.llama_n_ctx_seq(self._ctx.ctx))
+        self._vocab = self._model.vocab
+        self._n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
+        self._slots = [_Slot(seq_id=i) for i in range(tier.parallel)]
+        self._sequences: dict[int, _Sequence] = {}  # id(job) -> state, in insertion order
+        self._piece = ctypes.create_string_buffer(256)
+        metadata = self._model.metadata()
+        self.architecture = metadata.get("general.architecture", "")
+        self._template = chat_templates.select_template(
+            tier.chat_template, tier.chat_format, metadata.get("tokenizer.chat_template"), self.architecture
+        )
+        self._bos_text = self._token_text(self._model.token_bos()) if self._model.add_bos_token() else ""
+        self._eos_text = self._token_text(self._model.token_eos())
+        log.info(
+            "llama.cpp model %s: arch=%s ctx/seq=%d parallel=%d threads=%d",
+            os.path.basename(path), self.architecture, self.context_length, self.max_parallel, threads,
+        )
+
+    # ------------------------------------------------------------ text
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._model.token_get_text(token)
+
+    def tokenize(self, text: str) -> list[int]:
+        # A rendered template may already start with BOS; never add a second one.
+        add_bos = self._model.add_bos_token() and not (self._bos_text and text.startswith(self._bos_text))
+        return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None) -> str:
+        return chat_templates.render(
+            self._template, messages, bos_token=self._bos_text, eos_token=self._eos_text, tools=tools
+        )
+
+    def _piece_bytes(self, token: int) -> bytes:
+        n = self._lib.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:
+            self._piece = ctypes.create_string_buffer(-n + 16)
+            n = self._lib.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[:n]
+
+    # ------------------------------------------------------------ sampling
+
+    def _make_sampler(self, params: SamplingParams) -> Any:
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        add = lambda sampler: lib.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            add(
+                lib.llama_sampler_init_penalties(
+                    self._n_vocab, 64, params.repeat_penalty or 1.0, params.frequency_penalty, params.presence_penalty
+                )
+            )
+        if params.grammar:
+            grammar = lib.llama_sampler_init_grammar(self._vocab, params.grammar.encode("utf-8"), b"root")
+            if not grammar:
+                lib.llama_sampler_free(chain)
+                raise InvalidRequest("The output grammar could not be compiled", param="response_format")
+            add(grammar)
+        if params.temperature <= 0.0:
+            add(lib.llama_sampler_init_greedy())
+            return chain
+        if params.top_k > 0:
+            add(lib.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            add(lib.llama_sampler_init_top_p(params.top_p, 1))
+        add(lib.llama_sampler_init_temp(params.temperature))
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        add(lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    # ------------------------------------------------------------ sequences
+
+    def insert(self, job: GenerationJob) -> None:
+        free = [slot for slot in self._slots if not slot.busy]
+        if not free:
+            raise BackendError("no free sequence slot")
+        prompt = job.prompt_tokens
+        slot = max(free, key=lambda s: common_prefix(s.cached, prompt))
+        reuse = min(common_prefix(slot.cached, prompt), len(prompt) - 1)  # the last prompt token gives logits
+        if reuse <= 0 or not self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1):
+            self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            reuse = 0
+        slot.cached = list(prompt[:reuse])
+        slot.busy = True
+        state = _Sequence(
+            job=job,
+            slot=slot,
+            pending=list(prompt[reuse:]),
+            sampler=self._make_sampler(job.params),
+            decoder=codecs.getincrementaldecoder("utf-8")("replace"),
+            reused_tokens=reuse,
+        )
+        job.state = state
+        self._sequences[id(job)] = state
+
+    def remove(self, job: GenerationJob) -> None:
+        state = self._sequences.pop(id(job), None)
+        if state is None:
+            return
+        state.slot.busy = False  # its KV stays for prefix reuse; the next insert trims it
+        self._lib.llama_sampler_free(state.sampler)
+
+    def _add(self, index: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        batch = self._batch
+        batch.token[index] = token
+        batch.pos[index] = pos
+        batch.n_seq_id[index] = 1
+        batch.seq_id[index][0] = seq_id
+        batch.logits[index] = logits
+
+    def step(self) -> list[StepOutput]:
+        lib = self._lib
+        n = 0
+        sample_at: list[tuple[int, int]] = []  # (job id, batch index)
+        for key, state in self._sequences.items():
+            if state.pending or state.last_token is None:
+                continue
+            self._add(n, state.last_token, len(state.slot.cached), state.slot.seq_id, True)
+            state.slot.cached.append(state.last_token)
+            state.last_token = None
+            sample_at.append((key, n))
+            n += 1
+        for key, state in self._sequences.items():
+            if not state.pending or n >= self._n_batch:
+                continue
+            chunk = state.pending[: self._n_batch - n]
+            base = len(state.slot.cached)
+            done = len(chunk) == len(state.pending)
+            for k, token in enumerate(chunk):
+                self._add(n, token, base + k, state.slot.seq_id, done and k == len(chunk) - 1)
+                n += 1
+            state.slot.cached.extend(chunk)
+            state.pending = state.pending[len(chunk):]
+            if done:
+                sample_at.append((key, n - 1))
+        if n == 0:
+            return []
+        self._batch.n_tokens = n
+        rc = lib.llama_decode(self._ctx.ctx, self._batch)
+        if rc != 0:
+            raise BackendError(f"llama_decode failed with status {rc}")
+        outputs: list[StepOutput] = []
+        for key, index in sample_at:
+            state = self._sequences[key]
+            token = lib.llama_sampler_sample(state.sampler, self._ctx.ctx, index)
+            job = state.job
+            if lib.llama_vocab_is_eog(self._vocab, token):
+                outputs.append(StepOutput(job, "", token, True))
+                continue
+            state.last_token = token
+            text = state.decoder.decode(self._piece_bytes(token))
+            outputs.append(StepOutput(job, text, token, False))
+        return outputs
+
+    def reused_tokens(self, job: GenerationJob) -> int:
+        state = job.state
+        return state.reused_tokens if isinstance(state, _Sequence) else 0
+
+    def close(self) -> None:
+        for state in list(self._sequences.values()):
+            self.remove(state.job)
+        if self._batch is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
+        self._ctx.close()
+        self._model.close()

@@ -1,0 +1,407 @@
+"""Routes for /v1/chat/completions, /v1/completions and /v1/models.
+
+Each handler: parse (pydantic) -> resolve the tier (router.py) -> lease it (model_manager.py) ->
+submit jobs to the tier's scheduler -> shape the OpenAI response or SSE stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+import router as tier_router
+from backends import GenerationJob, SamplingParams
+from config import Settings, TierConfig
+from errors import ContextLengthExceeded, InvalidRequest, ServiceError
+from scheduler import ChatScheduler, DoneEvent, ErrorEvent, Event, TextEvent
+from schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+
+log = logging.getLogger("llmservice.chat")
+router = APIRouter()
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# ---------------------------------------------------------------- jobs and their event streams
+
+
+@dataclass
+class RunningJob:
+    """A submitted job plus the asyncio side of its event stream."""
+
+    job: GenerationJob
+    queue: asyncio.Queue[Event]
+    scheduler: ChatScheduler
+    done: DoneEvent | None = None
+    chunks: list[str] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        if self.done is None:
+            self.job.cancelled.set()
+            self.scheduler.wake()
+
+    async def events(self) -> AsyncIterator[str]:
+        """Text pieces until the job ends; raises the job's error."""
+        while self.done is None:
+            event = await self.queue.get()
+            if isinstance(event, TextEvent):
+                yield event.text
+            elif isinstance(event, DoneEvent):
+                self.done = event
+            elif isinstance(event, ErrorEvent):
+                self.done = DoneEvent("error", len(self.job.prompt_tokens), self.job.completion_tokens, 0.0, 0.0)
+                raise event.error
+
+    async def collect(self) -> str:
+        return "".join([piece async for piece in self.events()])
+
+
+def submit(scheduler: ChatScheduler, prompt: list[int], params: SamplingParams) -> RunningJob:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+    job = GenerationJob(prompt_tokens=prompt, params=params)
+    scheduler.submit(job, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+    return RunningJob(job, queue, scheduler)
+
+
+def sampling_params(body: ChatCompletionRequest | CompletionRequest, tier: TierConfig, room: int) -> SamplingParams:
+    """The request's sampling parameters with the tier's defaults filled in."""
+    requested = body.requested_max_tokens()
+    max_tokens = min(requested if requested is not None else tier.max_tokens, room)
+    repeat = body.repeat_penalty if body.repeat_penalty is not None else tier.repeat_penalty
+    return SamplingParams(
+        temperature=body.temperature if body.temperature is not None else tier.temperature,
+        top_p=body.top_p if body.top_p is not None else tier.top_p,
+        top_k=body.top_k if body.top_k is not None else tier.top_k,
+        max_tokens=max(1, max_tokens),
+        stop=body.stop_list(),
+        seed=body.seed,
+        repeat_penalty=repeat,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+    )
+
+
+def check_context(prompt_tokens: int, context_length: int) -> int:
+    """Room left for the completion; a prompt that fills the context is a 400 naming both counts."""
+    if prompt_tokens >= context_length:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context_length} tokens. However, your prompt has "
+            f"{prompt_tokens} tokens, which leaves no room for a completion. Shorten the prompt.",
+            param="messages",
+        )
+    return context_length - prompt_tokens
+
+
+def reject_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
+    if body.logprobs:
+        raise InvalidRequest("logprobs are not supported by this server", param="logprobs")
+    if body.logit_bias:
+        raise InvalidRequest("logit_bias is not supported by this server", param="logit_bias")
+    if body.stream and body.n > 1:
+        raise InvalidRequest("n > 1 is supported only without streaming", param="n")
+
+
+@contextlib.asynccontextmanager
+async def cancel_on_exit(jobs: list[RunningJob]) -> AsyncIterator[None]:
+    """Jobs still running when the handler leaves (client gone, error) are cancelled at once."""
+    try:
+        yield
+    finally:
+        for running in jobs:
+            running.cancel()
+
+
+# ---------------------------------------------------------------- helpers for both endpoints
+
+
+def resolve(request: Request, model: str) -> tuple[tier_router.Resolution, TierConfig]:
+    settings: Settings = request.app.state.settings
+    resolution = tier_router.resolve(model, "chat", settings)
+    if resolution.fallback_from:
+        log.info("tier %s is not configured: serving %r with %s", resolution.fallback_from, model, resolution.tier)
+    return resolution, settings.tiers[resolution.tier]
+
+
+def tier_headers(resolution: tier_router.Resolution) -> dict[str, str]:
+    headers = {"X-Tier": resolution.tier}
+    if resolution.fallback_from:
+        headers["X-Tier-Fallback"] = f"{resolution.fallback_from}->{resolution.tier}"
+    return headers
+
+
+def timing_headers(done: list[DoneEvent]) -> dict[str, str]:
+    if not done:
+        return {}
+    return {
+        "X-Queue-Time-Ms": f"{max(d.queue_seconds for d in done) * 1000:.1f}",
+        "X-Compute-Time-Ms": f"{max(d.compute_seconds for d in done) * 1000:.1f}",
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def sse(data: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+
+
+async def stream_events(
+    running: RunningJob, make_chunk: Any, include_usage: bool, release: Any
+) -> AsyncIterator[bytes]:
+    """The SSE body: one chunk per text piece, a final chunk, usage if asked, then [DONE].
+
+    An error after the stream started is one `data: {"error": ...}` event and no [DONE].
+    """
+    try:
+        yield sse(make_chunk(role=True))
+        async for piece in running.events():
+            yield sse(make_chunk(text=piece))
+        done = running.done
+        assert done is not None
+        yield sse(make_chunk(finish=done.finish_reason))
+        if include_usage:
+            yield sse(make_chunk(usage=usage(done.prompt_tokens, done.completion_tokens)))
+        yield b"data: [DONE]\n\n"
+    except ServiceError as exc:
+        yield sse(exc.body())
+    finally:
+        running.cancel()
+        await release()
+
+
+def finish_reason(done: DoneEvent | None) -> str:
+    reason = done.finish_reason if done else "stop"
+    return "length" if reason == "length" else "stop"
+
+
+# ---------------------------------------------------------------- chat completions
+
+
+def message_dicts(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for message in body.messages:
+        entry: dict[str, Any] = {"role": message.role, "content": message.text()}
+        if message.name:
+            entry["name"] = message.name
+        if message.tool_calls:
+            entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if message.tool_call_id:
+            entry["tool_call_id"] = message.tool_call_id
+        out.append(entry)
+    return out
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    reject_unsupported(body)
+    if body.response_format is not None and body.response_format.type != "text":
+        raise InvalidRequest("response_format json modes are not supported yet", param="response_format")
+    resolution, tier = resolve(request, body.model)
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    stack = contextlib.AsyncExitStack()
+    scheduler: ChatScheduler = await stack.enter_async_context(request.app.state.manager.lease(resolution.tier))
+    try:
+        model = scheduler.model
+        prompt_text = await asyncio.to_thread(model.render_chat, message_dicts(body), tools)
+        prompt = await asyncio.to_thread(model.tokenize, prompt_text)
+        params = sampling_params(body, tier, check_context(len(prompt), model.context_length))
+        return await _chat_response(body, request, resolution, scheduler, prompt, params, stack)
+    except BaseException:
+        await stack.aclose()
+        raise
+
+
+async def _chat_response(
+    body: ChatCompletionRequest,
+    request: Request,
+    resolution: tier_router.Resolution,
+    scheduler: ChatScheduler,
+    prompt: list[int],
+    params: SamplingParams,
+    stack: contextlib.AsyncExitStack,
+) -> Any:
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    headers = tier_headers(resolution)
+    if body.stream:
+        running = submit(scheduler, prompt, params)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def make_chunk(role: bool = False, text: str | None = None, finish: str | None = None, usage: Any = None) -> dict[str, Any]:
+            chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
+            if usage is not None:
+                chunk["choices"] = []
+            else:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+                chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": "length" if finish == "length" else ("stop" if finish else None)}]
+            if include_usage:
+                chunk["usage"] = usage
+            return chunk
+
+        return StreamingResponse(
+            stream_events(running, make_chunk, include_usage, stack.aclose),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **headers},
+        )
+    jobs = [submit(scheduler, prompt, _seeded(params, i)) for i in range(body.n)]
+    async with stack, cancel_on_exit(jobs):
+        texts = await asyncio.gather(*(running.collect() for running in jobs))
+    done = [running.done for running in jobs if running.done is not None]
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason(running.done)}
+        for i, (text, running) in enumerate(zip(texts, jobs))
+    ]
+    payload = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": choices,
+        "usage": usage(len(prompt), sum(d.completion_tokens for d in done)),
+    }
+    return JSONResponse(payload, headers={**headers, **timing_headers(done)})
+
+
+def _seeded(params: SamplingParams, index: int) -> SamplingParams:
+    """The i-th of n choices: a different seed each, so choices differ but stay reproducible."""
+    if index == 0 or params.seed is None:
+        return params
+    from dataclasses import replace
+
+    return replace(params, seed=params.seed + index)
+
+
+# ---------------------------------------------------------------- text completions
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    reject_unsupported(body)
+    if body.suffix:
+        raise InvalidRequest("suffix (fill-in-the-middle) is not supported", param="suffix")
+    resolution, tier = resolve(request, body.model)
+    stack = contextlib.AsyncExitStack()
+    scheduler: ChatScheduler = await stack.enter_async_context(request.app.state.manager.lease(resolution.tier))
+    try:
+        prompts = await asyncio.to_thread(_prompt_tokens, scheduler.model, body.prompt)
+        if body.stream and len(prompts) > 1:
+            raise InvalidRequest("several prompts are supported only without streaming", param="prompt")
+        room = min(check_context(len(p), scheduler.model.context_length) for p in prompts)
+        params = sampling_params(body, tier, room)
+        return await _completion_response(body, resolution, scheduler, prompts, params, stack)
+    except BaseException:
+        await stack.aclose()
+        raise
+
+
+def _prompt_tokens(model: Any, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [model.tokenize(prompt)]
+    if prompt and isinstance(prompt[0], int):
+        return [list(prompt)]
+    if prompt and isinstance(prompt[0], list):
+        return [list(p) for p in prompt]
+    return [model.tokenize(p) for p in prompt]
+
+
+async def _completion_response(
+    body: CompletionRequest,
+    resolution: tier_router.Resolution,
+    scheduler: ChatScheduler,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    stack: contextlib.AsyncExitStack,
+) -> Any:
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    headers = tier_headers(resolution)
+    echo_texts = [body.prompt] if isinstance(body.prompt, str) else None
+    if body.stream:
+        running = submit(scheduler, prompts[0], params)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def make_chunk(role: bool = False, text: str | None = None, finish: str | None = None, usage: Any = None) -> dict[str, Any]:
+            chunk: dict[str, Any] = {"id": completion_id, "object": "text_completion", "created": created, "model": body.model}
+            if usage is not None:
+                chunk["choices"] = []
+            else:
+                piece = text or ""
+                if role:
+                    piece = echo_texts[0] if body.echo and echo_texts else ""
+                chunk["choices"] = [{"index": 0, "text": piece, "logprobs": None, "finish_reason": "length" if finish == "length" else ("stop" if finish else None)}]
+            if include_usage:
+                chunk["usage"] = usage
+            return chunk
+
+        return StreamingResponse(
+            stream_events(running, make_chunk, include_usage, stack.aclose),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **headers},
+        )
+    jobs = [submit(scheduler, prompt, _seeded(params, i)) for prompt in prompts for i in range(body.n)]
+    async with stack, cancel_on_exit(jobs):
+        texts = await asyncio.gather(*(running.collect() for running in jobs))
+    done = [running.done for running in jobs if running.done is not None]
+    choices = []
+    for i, (text, running) in enumerate(zip(texts, jobs)):
+        if body.echo:
+            prompt_text = body.prompt if isinstance(body.prompt, str) else None
+            if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
+                prompt_text = body.prompt[i // body.n]
+            text = (prompt_text or "") + text
+        choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason(running.done)})
+    payload = {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": body.model,
+        "choices": choices,
+        "usage": usage(sum(len(p) for p in prompts) * body.n, sum(d.completion_tokens for d in done)),
+    }
+    return JSONResponse(payload, headers={**headers, **timing_headers(done)})
+
+
+# ---------------------------------------------------------------- models
+
+
+def _owned_by(tier: TierConfig) -> str:
+    return f"llmservice:{tier.backend}"
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    settings: Settings = request.app.state.settings
+    created = int(request.app.state.started)
+    cards = [ModelCard(id=t.model_id, created=created, owned_by=_owned_by(t)) for t in settings.tiers.values()]
+    return ModelList(data=cards).model_dump()
+
+
+@router.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    settings: Settings = request.app.state.settings
+    resolution = None
+    for kind in ("chat", "embedding", "rerank"):
+        try:
+            resolution = tier_router.resolve(model_id, kind, settings)
+            break
+        except ServiceError as exc:
+            if exc.status == 404:
+                raise
+    assert resolution is not None
+    tier = settings.tiers[resolution.tier]
+    return ModelCard(id=tier.model_id, created=int(request.app.state.started), owned_by=_owned_by(tier)).model_dump()

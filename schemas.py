@@ -1,0 +1,187 @@
+"""Pydantic v2 wire models for the OpenAI-compatible endpoints, with bounds on every field.
+
+Unknown fields are ignored (clients send vendor extras); known fields are validated strictly and a
+violation becomes a 400 in the OpenAI envelope (see server.py).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_TOKENS_LIMIT = 131072
+MAX_STOP = 16
+MAX_STOP_LENGTH = 512
+MAX_MESSAGES = 2048
+MAX_TEXT_CHARS = 2_000_000
+MAX_N = 8
+
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(max_length=256)
+    arguments: str = Field(default="", max_length=MAX_TEXT_CHARS)
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(default="", max_length=256)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = Field(default=None)
+    name: str | None = Field(default=None, max_length=256)
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=128)
+    tool_call_id: str | None = Field(default=None, max_length=256)
+
+    @field_validator("content")
+    @classmethod
+    def _bounded_text(cls, value: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
+        if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+            raise ValueError(f"message content is longer than {MAX_TEXT_CHARS} characters")
+        if isinstance(value, list):
+            for part in value:
+                if part.type not in ("text", "input_text"):
+                    raise ValueError(f"content part type {part.type!r} is not supported (only text)")
+        return value
+
+    def text(self) -> str:
+        """The content as plain text (text parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text or "" for part in self.content)
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = Field(default=None, max_length=100_000)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = None
+
+
+Stop = str | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_LENGTH)]], Field(max_length=MAX_STOP)] | None
+
+
+class _SamplingFields(_Request):
+    """Fields shared by chat and text completions; None means the tier's default."""
+
+    model: ModelName
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0, le=100_000)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    stop: Stop = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    repeat_penalty: float | None = Field(default=None, ge=0.0, le=10.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256)
+    logprobs: bool | int | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_bounds(cls, value: Stop) -> Stop:
+        if isinstance(value, str) and len(value) > MAX_STOP_LENGTH:
+            raise ValueError(f"a stop sequence is longer than {MAX_STOP_LENGTH} characters")
+        return value
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        if isinstance(self.stop, str):
+            return (self.stop,) if self.stop else ()
+        return tuple(s for s in self.stop if s)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+TokenList = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_TOKENS_LIMIT)]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: (
+        Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+        | Annotated[list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]], Field(min_length=1, max_length=MAX_N)]
+        | TokenList
+        | Annotated[list[TokenList], Field(min_length=1, max_length=MAX_N)]
+    )
+    echo: bool = False
+    suffix: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+# ---------------------------------------------------------------- responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
