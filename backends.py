@@ -13,7 +13,6 @@ from typing import Any, Protocol
 
 from config import Settings, TierConfig
 
-
 # ---------------------------------------------------------------- chat
 
 

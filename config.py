@@ -315,7 +315,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     _check_names(tiers)
     reranker = tiers.get("reranker")
     if reranker is not None and reranker.backend == "similarity" and "embedding" not in tiers:
-        raise ConfigError("RERANKER_BACKEND is 'similarity' but the embedding tier is off (EMBEDDING_MODEL_PATH is empty)")
+        raise ConfigError(
+            "RERANKER_BACKEND is 'similarity' but the embedding tier is off (EMBEDDING_MODEL_PATH is empty)"
+        )
     log_level = read.str("LOG_LEVEL", "info").lower()
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
         raise ConfigError(f"LOG_LEVEL has value {log_level!r}: use debug, info, warning, error or critical")

@@ -92,8 +92,12 @@ def serve(app: Any, settings: Settings) -> int:
 
     sock = bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=settings.log_level if settings.log_level != "trace" else "debug",
-                            timeout_graceful_shutdown=30, access_log=False)
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level if settings.log_level != "trace" else "debug",
+        timeout_graceful_shutdown=30,
+        access_log=False,
+    )
     server = uvicorn.Server(config)
 
     async def run() -> None:

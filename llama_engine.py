@@ -119,7 +119,11 @@ class LlamaCppChat:
         self._eos_text = self._token_text(self._model.token_eos())
         log.info(
             "llama.cpp model %s: arch=%s ctx/seq=%d parallel=%d threads=%d",
-            os.path.basename(path), self.architecture, self.context_length, self.max_parallel, threads,
+            os.path.basename(path),
+            self.architecture,
+            self.context_length,
+            self.max_parallel,
+            threads,
         )
 
     # ------------------------------------------------------------ text
@@ -238,7 +242,7 @@ class LlamaCppChat:
                 self._add(n, token, base + k, state.slot.seq_id, done and k == len(chunk) - 1)
                 n += 1
             state.slot.cached.extend(chunk)
-            state.pending = state.pending[len(chunk):]
+            state.pending = state.pending[len(chunk) :]
             if done:
                 sample_at.append((key, n - 1))
         if n == 0:

@@ -242,13 +242,29 @@ async def _chat_response(
         running = submit(scheduler, prompt, params)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def make_chunk(role: bool = False, text: str | None = None, finish: str | None = None, usage: Any = None) -> dict[str, Any]:
-            chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
+        def make_chunk(
+            role: bool = False, text: str | None = None, finish: str | None = None, usage: Any = None
+        ) -> dict[str, Any]:
+            chunk: dict[str, Any] = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+            }
             if usage is not None:
                 chunk["choices"] = []
             else:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-                chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": "length" if finish == "length" else ("stop" if finish else None)}]
+                delta: dict[str, Any] = (
+                    {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+                )
+                chunk["choices"] = [
+                    {
+                        "index": 0,
+                        "delta": delta,
+                        "logprobs": None,
+                        "finish_reason": "length" if finish == "length" else ("stop" if finish else None),
+                    }
+                ]
             if include_usage:
                 chunk["usage"] = usage
             return chunk
@@ -263,8 +279,13 @@ async def _chat_response(
         texts = await asyncio.gather(*(running.collect() for running in jobs))
     done = [running.done for running in jobs if running.done is not None]
     choices = [
-        {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason(running.done)}
-        for i, (text, running) in enumerate(zip(texts, jobs))
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason(running.done),
+        }
+        for i, (text, running) in enumerate(zip(texts, jobs, strict=True))
     ]
     payload = {
         "id": completion_id,
@@ -335,15 +356,29 @@ async def _completion_response(
         running = submit(scheduler, prompts[0], params)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def make_chunk(role: bool = False, text: str | None = None, finish: str | None = None, usage: Any = None) -> dict[str, Any]:
-            chunk: dict[str, Any] = {"id": completion_id, "object": "text_completion", "created": created, "model": body.model}
+        def make_chunk(
+            role: bool = False, text: str | None = None, finish: str | None = None, usage: Any = None
+        ) -> dict[str, Any]:
+            chunk: dict[str, Any] = {
+                "id": completion_id,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+            }
             if usage is not None:
                 chunk["choices"] = []
             else:
                 piece = text or ""
                 if role:
                     piece = echo_texts[0] if body.echo and echo_texts else ""
-                chunk["choices"] = [{"index": 0, "text": piece, "logprobs": None, "finish_reason": "length" if finish == "length" else ("stop" if finish else None)}]
+                chunk["choices"] = [
+                    {
+                        "index": 0,
+                        "text": piece,
+                        "logprobs": None,
+                        "finish_reason": "length" if finish == "length" else ("stop" if finish else None),
+                    }
+                ]
             if include_usage:
                 chunk["usage"] = usage
             return chunk
@@ -358,7 +393,7 @@ async def _completion_response(
         texts = await asyncio.gather(*(running.collect() for running in jobs))
     done = [running.done for running in jobs if running.done is not None]
     choices = []
-    for i, (text, running) in enumerate(zip(texts, jobs)):
+    for i, (text, running) in enumerate(zip(texts, jobs, strict=True)):
         if body.echo:
             prompt_text = body.prompt if isinstance(body.prompt, str) else None
             if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):

@@ -301,7 +301,9 @@ class CallWorker:
             if self._stopping:
                 raise Overloaded(f"The {self.name} tier is shutting down", retry_after=5)
             if len(self._calls) >= self.max_queue + 1:
-                raise Overloaded(f"The {self.name} tier has {len(self._calls)} requests waiting (limit {self.max_queue})")
+                raise Overloaded(
+                    f"The {self.name} tier has {len(self._calls)} requests waiting (limit {self.max_queue})"
+                )
             self._calls.append((fn, future))
             self._cond.notify()
         return future

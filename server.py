@@ -142,7 +142,11 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
     async def health() -> dict[str, Any]:
         tiers = {name: manager.status(name) for name in manager.tiers}
         degraded = any(t["state"] == "failed" for t in tiers.values())
-        return {"status": "degraded" if degraded else "ok", "uptime_seconds": round(time.time() - app.state.started, 1), "tiers": tiers}
+        return {
+            "status": "degraded" if degraded else "ok",
+            "uptime_seconds": round(time.time() - app.state.started, 1),
+            "tiers": tiers,
+        }
 
     return app
 

@@ -1,0 +1,95 @@
+"""Fake backends that implement the real protocols, for fast tests of the whole HTTP stack.
+
+They behave like tiny deterministic models and record what they were asked, so tests can assert on
+the parameters the server passed down.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from backends import GenerationJob, StepOutput
+from config import Settings, TierConfig
+
+EOS = -1
+
+
+class FakeChat:
+    """One token per character. The reply to a prompt is `reply_for(prompt)`; then end of generation.
+
+    Prompts containing "BOOM" fail after three tokens (an error in mid-stream); prompts containing
+    "ENDLESS" never stop on their own (for max_tokens and cancellation tests).
+    """
+
+    def __init__(self, tier: TierConfig, context_length: int = 256, max_parallel: int = 2) -> None:
+        self.tier = tier
+        self.context_length = context_length
+        self.max_parallel = max_parallel
+        self.inserted: list[GenerationJob] = []
+        self.removed: list[GenerationJob] = []
+        self.active: dict[int, tuple[GenerationJob, str, int]] = {}
+        self.step_gate: threading.Event | None = None  # when set by a test, each step waits for it
+        self.closed = False
+
+    def tokenize(self, text: str) -> list[int]:
+        return [ord(ch) for ch in text]
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    @staticmethod
+    def reply_for(prompt: str) -> str:
+        last = prompt.rsplit(">", 2)[-2] if prompt.endswith("<assistant>") else prompt
+        last = last.removesuffix("<assistant")
+        return f"echo: {last}"
+
+    def insert(self, job: GenerationJob) -> None:
+        prompt = "".join(chr(t) for t in job.prompt_tokens)
+        reply = ("x" * 100000) if "ENDLESS" in prompt else self.reply_for(prompt)
+        self.inserted.append(job)
+        self.active[id(job)] = (job, reply, 0)
+
+    def step(self) -> list[StepOutput]:
+        if self.step_gate is not None:
+            self.step_gate.wait(10)
+        outputs = []
+        for key, (job, reply, pos) in list(self.active.items()):
+            prompt = "".join(chr(t) for t in job.prompt_tokens)
+            if "BOOM" in prompt and pos == 3:
+                raise RuntimeError("fake model failure")
+            if pos >= len(reply):
+                outputs.append(StepOutput(job, "", EOS, True))
+                continue
+            self.active[key] = (job, reply, pos + 1)
+            outputs.append(StepOutput(job, reply[pos], ord(reply[pos]), False))
+        return outputs
+
+    def remove(self, job: GenerationJob) -> None:
+        self.active.pop(id(job), None)
+        self.removed.append(job)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeRegistry:
+    """Factories that build fakes and remember them, keyed by tier name."""
+
+    def __init__(self, **chat_kwargs: Any) -> None:
+        self.models: dict[str, Any] = {}
+        self.loads: dict[str, int] = {}
+        self.chat_kwargs = chat_kwargs
+        self.load_gate: threading.Event | None = None
+
+    def _load_chat(self, tier: TierConfig, settings: Settings) -> FakeChat:
+        if self.load_gate is not None:
+            self.load_gate.wait(10)
+        self.loads[tier.name] = self.loads.get(tier.name, 0) + 1
+        model = FakeChat(tier, **self.chat_kwargs)
+        self.models[tier.name] = model
+        return model
+
+    def factories(self) -> dict[str, Any]:
+        return {"chat:llamacpp": self._load_chat, "chat:mlx": self._load_chat}
