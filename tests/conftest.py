@@ -103,9 +103,8 @@ def live_fake_server(fake_registry: FakeRegistry) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="session")
 def gemma_path() -> str:
-    from llms import resolve_model_path
-
     from config import PACKAGED_GEMMA
+    from llms import resolve_model_path
 
     return resolve_model_path(PACKAGED_GEMMA)
 
