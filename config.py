@@ -110,6 +110,7 @@ class Settings:
     port: int = 8000
     log_level: str = "info"
     shutdown_timeout: float = 0.0  # inactivity seconds before the process exits; 0 = never
+    drain_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM/Ctrl-C/idle exit
     enable_cache: bool = True
     cache_max_size: int = 1000
     cache_ttl_seconds: float = 3600.0
@@ -327,6 +328,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         port=read.int("PORT", 8000, minimum=0),
         log_level=log_level,
         shutdown_timeout=read.float("SHUTDOWN_TIMEOUT", 0.0, minimum=0.0),
+        drain_timeout=read.float("DRAIN_TIMEOUT", 30.0, minimum=0.0),
         enable_cache=read.bool("ENABLE_CACHE", True),
         cache_max_size=read.int("CACHE_MAX_SIZE", 1000, minimum=0),
         cache_ttl_seconds=read.float("CACHE_TTL_SECONDS", 3600.0, minimum=0.0),

@@ -98,6 +98,17 @@ class ShuttingDown(Overloaded):
     code = "shutting_down"
 
 
+class RequestCancelled(ServiceError):
+    """The server stopped a running request (forced unload, shutdown deadline); retry later."""
+
+    status = 503
+    type = "server_error"
+    code = "request_cancelled"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after)))})
+
+
 class BackendError(ServiceError):
     """The model library failed while serving a request; the message is safe to show."""
 

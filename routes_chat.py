@@ -12,17 +12,18 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+import http_cache
 import router as tier_router
 from backends import GenerationJob, SamplingParams
 from config import Settings, TierConfig
-from errors import ContextLengthExceeded, InvalidRequest, ServiceError
+from errors import ContextLengthExceeded, InvalidRequest, RequestCancelled, ServiceError
 from scheduler import ChatScheduler, DoneEvent, ErrorEvent, Event, TextEvent
 from schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
@@ -54,9 +55,12 @@ class RunningJob:
         while self.done is None:
             event = await self.queue.get()
             if isinstance(event, TextEvent):
+                self.chunks.append(event.text)
                 yield event.text
             elif isinstance(event, DoneEvent):
                 self.done = event
+                if event.finish_reason == "cancelled":
+                    raise RequestCancelled("The request was stopped by the server (tier unloaded or shutting down)")
             elif isinstance(event, ErrorEvent):
                 self.done = DoneEvent("error", len(self.job.prompt_tokens), self.job.completion_tokens, 0.0, 0.0)
                 raise event.error
@@ -160,12 +164,17 @@ def sse(data: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
 
 
+OnComplete = Callable[[Any], Awaitable[None]]
+
+
 async def stream_events(
-    running: RunningJob, make_chunk: Any, include_usage: bool, release: Any
+    running: Any, make_chunk: Any, include_usage: bool, release: Any, on_complete: OnComplete | None = None
 ) -> AsyncIterator[bytes]:
     """The SSE body: one chunk per text piece, a final chunk, usage if asked, then [DONE].
 
-    An error after the stream started is one `data: {"error": ...}` event and no [DONE].
+    `running` is a RunningJob or a cache replay (http_cache.CachedRun); `on_complete` sees a stream
+    that ran to its end (it fills the cache). An error after the stream started is one
+    `data: {"error": ...}` event and no [DONE].
     """
     try:
         yield sse(make_chunk(role=True))
@@ -173,6 +182,8 @@ async def stream_events(
             yield sse(make_chunk(text=piece))
         done = running.done
         assert done is not None
+        if on_complete is not None:
+            await on_complete(running)
         yield sse(make_chunk(finish=done.finish_reason))
         if include_usage:
             yield sse(make_chunk(usage=usage(done.prompt_tokens, done.completion_tokens)))
@@ -206,12 +217,85 @@ def message_dicts(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     return out
 
 
+async def _nothing() -> None:
+    """The release of a cache replay: it holds no lease."""
+
+
+def _filler(cached: http_cache.CacheLookup) -> OnComplete | None:
+    """Fills the cache from a stream that ran to its end."""
+    if cached.key is None:
+        return None
+
+    async def fill(running: Any) -> None:
+        done = running.done
+        await cached.store([(running.chunks, done.finish_reason)], done.prompt_tokens, done.completion_tokens)
+
+    return fill
+
+
+async def _store_jobs(cached: http_cache.CacheLookup, jobs: list[RunningJob], prompt_tokens: int) -> None:
+    completion_tokens = sum(r.done.completion_tokens for r in jobs if r.done is not None)
+    choices = [(r.chunks, r.done.finish_reason if r.done else "stop") for r in jobs]
+    await cached.store(choices, prompt_tokens, completion_tokens)
+
+
+def _chat_chunk_maker(body: ChatCompletionRequest, completion_id: str, created: int, include_usage: bool) -> Any:
+    def make_chunk(
+        role: bool = False, text: str | None = None, finish: str | None = None, usage: Any = None
+    ) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": body.model,
+        }
+        if usage is not None:
+            chunk["choices"] = []
+        else:
+            delta: dict[str, Any] = (
+                {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+            )
+            chunk["choices"] = [
+                {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": None,
+                    "finish_reason": "length" if finish == "length" else ("stop" if finish else None),
+                }
+            ]
+        if include_usage:
+            chunk["usage"] = usage
+        return chunk
+
+    return make_chunk
+
+
+def _chat_payload(
+    body: ChatCompletionRequest, texts: list[str], finishes: list[str], usage_: dict[str, int]
+) -> dict[str, Any]:
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+        for i, (text, finish) in enumerate(zip(texts, finishes, strict=True))
+    ]
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.model,
+        "choices": choices,
+        "usage": usage_,
+    }
+
+
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     reject_unsupported(body)
     if body.response_format is not None and body.response_format.type != "text":
         raise InvalidRequest("response_format json modes are not supported yet", param="response_format")
     resolution, tier = resolve(request, body.model)
+    cached = await http_cache.lookup(request, "chat.completions", tier, body)
+    if cached.hit is not None:
+        return _chat_replay(body, resolution, cached)
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     stack = contextlib.AsyncExitStack()
     scheduler: ChatScheduler = await stack.enter_async_context(request.app.state.manager.lease(resolution.tier))
@@ -220,81 +304,60 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         prompt_text = await asyncio.to_thread(model.render_chat, message_dicts(body), tools)
         prompt = await asyncio.to_thread(model.tokenize, prompt_text)
         params = sampling_params(body, tier, check_context(len(prompt), model.context_length))
-        return await _chat_response(body, request, resolution, scheduler, prompt, params, stack)
+        return await _chat_response(body, resolution, cached, scheduler, prompt, params, stack)
     except BaseException:
         await stack.aclose()
         raise
 
 
+def _chat_replay(body: ChatCompletionRequest, resolution: tier_router.Resolution, cached: Any) -> Any:
+    assert cached.hit is not None
+    runs = http_cache.cached_runs(cached.hit)
+    headers = {**tier_headers(resolution), **cached.headers}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        make_chunk = _chat_chunk_maker(body, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), include_usage)
+        return StreamingResponse(
+            stream_events(runs[0], make_chunk, include_usage, _nothing),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **headers},
+        )
+    hit_usage = cached.hit.get("usage", {})
+    payload = _chat_payload(
+        body,
+        ["".join(run.pieces) for run in runs],
+        [finish_reason(run.done) for run in runs],
+        usage(int(hit_usage.get("prompt_tokens", 0)), int(hit_usage.get("completion_tokens", 0))),
+    )
+    return JSONResponse(payload, headers=headers)
+
+
 async def _chat_response(
     body: ChatCompletionRequest,
-    request: Request,
     resolution: tier_router.Resolution,
+    cached: http_cache.CacheLookup,
     scheduler: ChatScheduler,
     prompt: list[int],
     params: SamplingParams,
     stack: contextlib.AsyncExitStack,
 ) -> Any:
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    headers = tier_headers(resolution)
+    headers = {**tier_headers(resolution), **cached.headers}
     if body.stream:
         running = submit(scheduler, prompt, params)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def make_chunk(
-            role: bool = False, text: str | None = None, finish: str | None = None, usage: Any = None
-        ) -> dict[str, Any]:
-            chunk: dict[str, Any] = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": body.model,
-            }
-            if usage is not None:
-                chunk["choices"] = []
-            else:
-                delta: dict[str, Any] = (
-                    {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-                )
-                chunk["choices"] = [
-                    {
-                        "index": 0,
-                        "delta": delta,
-                        "logprobs": None,
-                        "finish_reason": "length" if finish == "length" else ("stop" if finish else None),
-                    }
-                ]
-            if include_usage:
-                chunk["usage"] = usage
-            return chunk
-
+        make_chunk = _chat_chunk_maker(body, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), include_usage)
         return StreamingResponse(
-            stream_events(running, make_chunk, include_usage, stack.aclose),
+            stream_events(running, make_chunk, include_usage, stack.aclose, _filler(cached)),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
         )
     jobs = [submit(scheduler, prompt, _seeded(params, i)) for i in range(body.n)]
     async with stack, cancel_on_exit(jobs):
         texts = await asyncio.gather(*(running.collect() for running in jobs))
+    await _store_jobs(cached, jobs, len(prompt))
     done = [running.done for running in jobs if running.done is not None]
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish_reason(running.done),
-        }
-        for i, (text, running) in enumerate(zip(texts, jobs, strict=True))
-    ]
-    payload = {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": body.model,
-        "choices": choices,
-        "usage": usage(len(prompt), sum(d.completion_tokens for d in done)),
-    }
+    finishes = [finish_reason(running.done) for running in jobs]
+    payload = _chat_payload(body, list(texts), finishes, usage(len(prompt), sum(d.completion_tokens for d in done)))
     return JSONResponse(payload, headers={**headers, **timing_headers(done)})
 
 
@@ -316,18 +379,29 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.suffix:
         raise InvalidRequest("suffix (fill-in-the-middle) is not supported", param="suffix")
     resolution, tier = resolve(request, body.model)
+    if body.stream and isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], (str, list)):
+        if len(body.prompt) > 1:
+            raise InvalidRequest("several prompts are supported only without streaming", param="prompt")
+    cached = await http_cache.lookup(request, "completions", tier, body)
+    if cached.hit is not None:
+        return _completion_result(body, resolution, cached, http_cache.cached_runs(cached.hit), None, _nothing)
     stack = contextlib.AsyncExitStack()
     scheduler: ChatScheduler = await stack.enter_async_context(request.app.state.manager.lease(resolution.tier))
     try:
         prompts = await asyncio.to_thread(_prompt_tokens, scheduler.model, body.prompt)
-        if body.stream and len(prompts) > 1:
-            raise InvalidRequest("several prompts are supported only without streaming", param="prompt")
         room = min(check_context(len(p), scheduler.model.context_length) for p in prompts)
         params = sampling_params(body, tier, room)
-        return await _completion_response(body, resolution, scheduler, prompts, params, stack)
+        if body.stream:
+            running = submit(scheduler, prompts[0], params)
+            return _completion_result(body, resolution, cached, [running], _filler(cached), stack.aclose)
+        jobs = [submit(scheduler, prompt, _seeded(params, i)) for prompt in prompts for i in range(body.n)]
     except BaseException:
         await stack.aclose()
         raise
+    async with stack, cancel_on_exit(jobs):
+        await asyncio.gather(*(running.collect() for running in jobs))
+    await _store_jobs(cached, jobs, sum(len(p) for p in prompts) * body.n)
+    return _completion_result(body, resolution, cached, jobs, None, _nothing)
 
 
 def _prompt_tokens(model: Any, prompt: Any) -> list[list[int]]:
@@ -340,73 +414,78 @@ def _prompt_tokens(model: Any, prompt: Any) -> list[list[int]]:
     return [model.tokenize(p) for p in prompt]
 
 
-async def _completion_response(
-    body: CompletionRequest,
-    resolution: tier_router.Resolution,
-    scheduler: ChatScheduler,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    stack: contextlib.AsyncExitStack,
-) -> Any:
+def _completion_chunk_maker(body: CompletionRequest, include_usage: bool) -> Any:
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    headers = tier_headers(resolution)
-    echo_texts = [body.prompt] if isinstance(body.prompt, str) else None
+    echo_text = body.prompt if body.echo and isinstance(body.prompt, str) else ""
+
+    def make_chunk(
+        role: bool = False, text: str | None = None, finish: str | None = None, usage: Any = None
+    ) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+        }
+        if usage is not None:
+            chunk["choices"] = []
+        else:
+            chunk["choices"] = [
+                {
+                    "index": 0,
+                    "text": echo_text if role else (text or ""),
+                    "logprobs": None,
+                    "finish_reason": "length" if finish == "length" else ("stop" if finish else None),
+                }
+            ]
+        if include_usage:
+            chunk["usage"] = usage
+        return chunk
+
+    return make_chunk
+
+
+def _completion_result(
+    body: CompletionRequest,
+    resolution: tier_router.Resolution,
+    cached: http_cache.CacheLookup,
+    runs: list[Any],
+    on_complete: OnComplete | None,
+    release: Callable[[], Awaitable[None]],
+) -> Any:
+    """Shape finished (or, when streaming, running) choices, live or replayed from the cache."""
+    headers = {**tier_headers(resolution), **cached.headers}
     if body.stream:
-        running = submit(scheduler, prompts[0], params)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def make_chunk(
-            role: bool = False, text: str | None = None, finish: str | None = None, usage: Any = None
-        ) -> dict[str, Any]:
-            chunk: dict[str, Any] = {
-                "id": completion_id,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-            }
-            if usage is not None:
-                chunk["choices"] = []
-            else:
-                piece = text or ""
-                if role:
-                    piece = echo_texts[0] if body.echo and echo_texts else ""
-                chunk["choices"] = [
-                    {
-                        "index": 0,
-                        "text": piece,
-                        "logprobs": None,
-                        "finish_reason": "length" if finish == "length" else ("stop" if finish else None),
-                    }
-                ]
-            if include_usage:
-                chunk["usage"] = usage
-            return chunk
-
         return StreamingResponse(
-            stream_events(running, make_chunk, include_usage, stack.aclose),
+            stream_events(runs[0], _completion_chunk_maker(body, include_usage), include_usage, release, on_complete),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
         )
-    jobs = [submit(scheduler, prompt, _seeded(params, i)) for prompt in prompts for i in range(body.n)]
-    async with stack, cancel_on_exit(jobs):
-        texts = await asyncio.gather(*(running.collect() for running in jobs))
-    done = [running.done for running in jobs if running.done is not None]
     choices = []
-    for i, (text, running) in enumerate(zip(texts, jobs, strict=True)):
+    for i, running in enumerate(runs):
+        text = "".join(running.chunks if isinstance(running, RunningJob) else running.pieces)
         if body.echo:
             prompt_text = body.prompt if isinstance(body.prompt, str) else None
             if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
                 prompt_text = body.prompt[i // body.n]
             text = (prompt_text or "") + text
         choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason(running.done)})
+    if cached.hit is not None:
+        counts = cached.hit.get("usage", {})
+        usage_ = usage(int(counts.get("prompt_tokens", 0)), int(counts.get("completion_tokens", 0)))
+        done: list[DoneEvent] = []
+    else:
+        done = [running.done for running in runs if running.done is not None]
+        usage_ = usage(sum(d.prompt_tokens for d in done), sum(d.completion_tokens for d in done))
     payload = {
-        "id": completion_id,
+        "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
-        "created": created,
+        "created": int(time.time()),
         "model": body.model,
         "choices": choices,
-        "usage": usage(sum(len(p) for p in prompts) * body.n, sum(d.completion_tokens for d in done)),
+        "usage": usage_,
     }
     return JSONResponse(payload, headers={**headers, **timing_headers(done)})
 

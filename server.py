@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends import Factory
+from cache import ResponseCache
 from config import ConfigError, Settings, load_settings, read_environment
 from errors import InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceError
 from model_manager import ModelManager, default_factories
@@ -119,24 +120,36 @@ class _BodyTooLarge(Exception):
 
 def create_app(settings: Settings, factories: Mapping[str, Factory] | None = None) -> FastAPI:
     """Build the service for `settings`; `factories` replaces the model loaders (tests use fakes)."""
+    import routes_admin
     import routes_chat
+    from lifecycle import Activity, ActivityTracker
 
     manager = ModelManager(settings, factories if factories is not None else default_factories())
+    cache = ResponseCache(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         manager.preload()
-        yield
-        await manager.close()
+        manager.start_idle_watch()
+        try:
+            yield
+        finally:
+            await manager.close()
+            cache.close()
 
     app = FastAPI(title="llmservice", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.settings = settings
     app.state.manager = manager
+    app.state.cache = cache
+    app.state.activity = Activity()
     app.state.started = time.time()
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # Outermost: counts every request until its last byte (idle shutdown) and refuses new ones while draining.
+    app.add_middleware(ActivityTracker, activity=app.state.activity)
     for prefix in ("/v1", ""):
         app.include_router(routes_chat.router, prefix=prefix)
+    app.include_router(routes_admin.router)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

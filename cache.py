@@ -1,0 +1,416 @@
+"""Exact-match response cache: an LRU/TTL tier in memory and an optional diskcache tier on disk.
+
+Keys are SHA-256 digests of canonical JSON over the endpoint, the tier, the model's identity (path,
+file size and mtime, so a swapped model file never serves stale answers) and the normalised request.
+Values are JSON-serialisable objects, stored as JSON bytes wrapped with their key; on disk a
+`JsonOnlyDisk` refuses anything that is not plain bytes, so a planted pickle is never unpickled.
+
+A cache failure never fails a request: a broken or full disk means serving uncached, with one
+warning (repeated failures are logged at debug level until the disk works again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import cachetools
+from diskcache import UNKNOWN, Cache, Disk
+from diskcache.core import MODE_BINARY, MODE_RAW
+
+from config import Settings, TierConfig
+
+log = logging.getLogger("llmservice.cache")
+
+SCHEMA_VERSION = 1  # bump when the key derivation or the stored value format changes
+
+# Request fields that never change the answer. Everything else in a request schema is keyed;
+# tests/test_cache.py fails when a schema gains a field that is in neither set.
+IGNORED_FIELDS = frozenset({"stream", "stream_options", "user"})
+KEYED_FIELDS: dict[str, frozenset[str]] = {
+    "ChatCompletionRequest": frozenset(
+        {
+            "model",
+            "messages",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "max_tokens",
+            "max_completion_tokens",
+            "stop",
+            "seed",
+            "repeat_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+            "n",
+            "logprobs",
+            "top_logprobs",
+            "logit_bias",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "response_format",
+        }
+    ),
+    "CompletionRequest": frozenset(
+        {
+            "model",
+            "prompt",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "max_tokens",
+            "stop",
+            "seed",
+            "repeat_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+            "n",
+            "logprobs",
+            "logit_bias",
+            "echo",
+            "suffix",
+            "best_of",
+        }
+    ),
+}
+
+# Tier settings that cannot change an answer (scheduling, memory mapping, names); all others are
+# part of the model identity, since they fill in what a request leaves out.
+_OPERATIONAL_TIER_FIELDS = frozenset(
+    {
+        "aliases",
+        "patterns",
+        "ttl",
+        "parallel",
+        "max_queue",
+        "queue_timeout",
+        "preload",
+        "api_key",
+        "use_mmap",
+        "use_mlock",
+        "n_threads",
+        "max_documents",
+        "batch_wait_ms",
+        "max_batch",
+    }
+)
+
+
+class UnsafeEntry(ValueError):
+    """A disk entry that is not plain JSON bytes (a pickle, a foreign value): never decoded."""
+
+
+# ---------------------------------------------------------------- keys
+
+
+def _file_stamp(path: Path) -> list[Any]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def model_identity(config: TierConfig) -> dict[str, Any]:
+    """What identifies the model behind a tier: its path, file sizes and mtimes, output settings."""
+    path = config.model_path
+    files: Any = None
+    if path.startswith("package:"):
+        try:
+            files = metadata.version(path.removeprefix("package:"))
+        except metadata.PackageNotFoundError:
+            files = "missing"
+    elif path and not path.startswith(("http://", "https://")):
+        target = Path(path)
+        try:
+            if target.is_dir():
+                files = sorted([entry.name, *_file_stamp(Path(entry.path))] for entry in os.scandir(target))
+            else:
+                files = _file_stamp(target)
+        except OSError:
+            files = "missing"
+    settings = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in _OPERATIONAL_TIER_FIELDS and f.name != "model_path"
+    }
+    return {"path": path, "files": files, "settings": settings}
+
+
+def digest(parts: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of `parts` (sorted keys, no whitespace, schema version)."""
+    canonical = json.dumps(
+        {"v": SCHEMA_VERSION, **parts}, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def normalise_request(body: Any) -> dict[str, Any]:
+    """The request as JSON, without the fields that never change the answer."""
+    return body.model_dump(mode="json", exclude=set(IGNORED_FIELDS))
+
+
+def request_key(endpoint: str, config: TierConfig, request: Mapping[str, Any]) -> str:
+    """The key of a whole-request entry (chat, completions, rerank)."""
+    return digest({"endpoint": endpoint, "tier": config.name, "model": model_identity(config), "request": request})
+
+
+def text_keys(endpoint: str, config: TierConfig, texts: Sequence[str], options: Mapping[str, Any]) -> list[str]:
+    """One key per input text (embeddings): `options` holds every request field except the input."""
+    base = {"endpoint": endpoint, "tier": config.name, "model": model_identity(config), "options": dict(options)}
+    return [digest({**base, "text": text}) for text in texts]
+
+
+def is_deterministic(body: Any) -> bool:
+    """Cacheable sampling: temperature explicitly 0, or a seed. An omitted temperature is not 0."""
+    return body.temperature == 0 or body.seed is not None
+
+
+# ---------------------------------------------------------------- disk
+
+
+class JsonOnlyDisk(Disk):
+    """A diskcache `Disk` for string keys and bytes values only; it refuses to unpickle anything."""
+
+    def put(self, key: Any) -> tuple[Any, bool]:
+        if type(key) is not str:
+            raise TypeError("cache keys are strings")
+        return key, True
+
+    def get(self, key: Any, raw: bool) -> Any:
+        if not raw:
+            raise UnsafeEntry("refusing to unpickle a cache key")
+        return key
+
+    def store(self, value: Any, read: bool, key: Any = UNKNOWN) -> tuple[int, int, str | None, Any]:
+        if type(value) is not bytes:
+            raise TypeError("cache values are JSON bytes")
+        return super().store(value, read, key)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> bytes:
+        if mode not in (MODE_RAW, MODE_BINARY) or read:
+            raise UnsafeEntry(f"refusing to decode a cache entry of mode {mode}")
+        data = super().fetch(mode, filename, value, read)
+        if type(data) is not bytes:
+            raise UnsafeEntry("a cache entry is not bytes")
+        return data
+
+
+def encode_entry(key: str, value: Any) -> bytes:
+    return json.dumps({"key": key, "value": value}, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode_entry(key: str, data: bytes) -> Any:
+    """The value stored under `key`; raises UnsafeEntry when the bytes are not what we wrote for it."""
+    try:
+        entry = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnsafeEntry("a cache entry is not valid JSON") from exc
+    if not isinstance(entry, dict) or entry.get("key") != key or "value" not in entry:
+        raise UnsafeEntry("a cache entry does not match its key")
+    return entry["value"]
+
+
+def open_cache_dir(directory: str) -> Path:
+    """Create the cache directory with mode 0700 (answers may hold private prompts)."""
+    path = Path(directory)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+# ---------------------------------------------------------------- the cache
+
+
+class ResponseCache:
+    """Memory LRU/TTL in front of an optional disk tier; every method is safe to call concurrently.
+
+    The async methods run disk I/O on a worker thread; a memory hit never leaves the event loop.
+    """
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.enabled = settings.enable_cache
+        self.ttl = settings.cache_ttl_seconds
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+        self._memory: cachetools.Cache[str, bytes] | None = None
+        self.disk: Cache | None = None
+        self._disk_warned = False
+        if not self.enabled:
+            return
+        if settings.cache_max_size > 0:
+            if self.ttl > 0:
+                self._memory = cachetools.TTLCache(settings.cache_max_size, self.ttl, timer=clock)
+            else:
+                self._memory = cachetools.LRUCache(settings.cache_max_size)
+        if settings.cache_persist_to_disk:
+            self._open_disk(settings.cache_dir)
+
+    def _open_disk(self, directory: str) -> None:
+        try:
+            path = open_cache_dir(directory)
+            self.disk = Cache(str(path), disk=JsonOnlyDisk, timeout=2)
+        except Exception as exc:  # noqa: BLE001 - a broken cache directory means running without it
+            self._disk_failed("open", exc)
+            self.disk = None
+
+    def _disk_failed(self, action: str, exc: BaseException) -> None:
+        if not self._disk_warned:
+            self._disk_warned = True
+            log.warning("disk cache %s failed (%s: %s); serving uncached", action, type(exc).__name__, exc)
+        else:
+            log.debug("disk cache %s failed again: %s", action, exc)
+
+    # ------------------------------------------------------------ sync core (any thread)
+
+    def _memory_get(self, key: str) -> bytes | None:
+        if self._memory is None:
+            return None
+        with self._lock:
+            return self._memory.get(key)
+
+    def _memory_put(self, key: str, data: bytes) -> None:
+        if self._memory is not None:
+            with self._lock:
+                self._memory[key] = data
+
+    def _disk_get(self, key: str) -> Any | None:
+        disk = self.disk
+        if disk is None:
+            return None
+        try:
+            data = disk.get(key)
+            if data is None:
+                return None
+            value = decode_entry(key, data)
+        except UnsafeEntry as exc:
+            log.warning("dropping a bad disk cache entry (%s)", exc)
+            self._disk_delete(key)
+            return None
+        except Exception as exc:  # noqa: BLE001 - sqlite, I/O or timeout errors: serve uncached
+            self._disk_failed("read", exc)
+            return None
+        self._memory_put(key, data)
+        return value
+
+    def _disk_delete(self, key: str) -> None:
+        if self.disk is not None:
+            try:
+                self.disk.delete(key)
+            except Exception as exc:  # noqa: BLE001
+                self._disk_failed("delete", exc)
+
+    def _store(self, items: Mapping[str, Any]) -> None:
+        encoded = {key: encode_entry(key, value) for key, value in items.items()}
+        for key, data in encoded.items():
+            self._memory_put(key, data)
+        if self.disk is None:
+            return
+        try:
+            for key, data in encoded.items():
+                self.disk.set(key, data, expire=self.ttl or None)
+        except Exception as exc:  # noqa: BLE001 - disk full, read-only, locked: keep serving
+            self._disk_failed("write", exc)
+        else:
+            self._disk_warned = False
+
+    def _count(self, found: Iterable[Any | None]) -> None:
+        for value in found:
+            if value is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+
+    # ------------------------------------------------------------ async API
+
+    async def get(self, key: str) -> Any | None:
+        """The value under `key`, or None (a miss)."""
+        return (await self.get_many([key]))[0]
+
+    async def get_many(self, keys: Sequence[str]) -> list[Any | None]:
+        """Values for `keys` in order, None where missing: a batch computes only what is new."""
+        if not self.enabled:
+            return [None] * len(keys)
+        found: list[Any | None] = []
+        for key in keys:
+            data = self._memory_get(key)
+            found.append(decode_entry(key, data) if data is not None else None)
+        missing = [i for i, value in enumerate(found) if value is None]
+        if missing and self.disk is not None:
+            from_disk = await asyncio.to_thread(lambda: [self._disk_get(keys[i]) for i in missing])
+            for i, value in zip(missing, from_disk, strict=True):
+                found[i] = value
+        self._count(found)
+        return found
+
+    async def put(self, key: str, value: Any) -> None:
+        await self.put_many({key: value})
+
+    async def put_many(self, items: Mapping[str, Any]) -> None:
+        """Store JSON-serialisable values; never raises for a disk problem."""
+        if not self.enabled or not items:
+            return
+        if self.disk is None:
+            self._store(items)
+        else:
+            await asyncio.to_thread(self._store, dict(items))
+
+    def stats(self) -> dict[str, Any]:
+        memory_entries, memory_bytes = 0, 0
+        if self._memory is not None:
+            with self._lock:
+                memory_entries = len(self._memory)
+                memory_bytes = sum(len(data) for data in self._memory.values())
+        disk_entries, disk_bytes = 0, 0
+        if self.disk is not None:
+            try:
+                disk_entries, disk_bytes = len(self.disk), self.disk.volume()
+            except Exception as exc:  # noqa: BLE001
+                self._disk_failed("stats", exc)
+        return {
+            "enabled": self.enabled,
+            "persistent": self.disk is not None,
+            "entries": max(memory_entries, disk_entries),
+            "memory_entries": memory_entries,
+            "disk_entries": disk_entries,
+            "hits": self.hits,
+            "misses": self.misses,
+            "bytes": memory_bytes + disk_bytes,
+            "memory_bytes": memory_bytes,
+            "disk_bytes": disk_bytes,
+        }
+
+    async def clear(self) -> dict[str, int]:
+        """Drop every entry (memory and disk) and reset the counters; returns how many were dropped."""
+        removed = 0
+        if self._memory is not None:
+            with self._lock:
+                removed = len(self._memory)
+                self._memory.clear()
+        if self.disk is not None:
+            try:
+                removed = max(removed, await asyncio.to_thread(self.disk.clear))
+            except Exception as exc:  # noqa: BLE001
+                self._disk_failed("clear", exc)
+        self.hits = self.misses = 0
+        return {"removed": removed}
+
+    def close(self) -> None:
+        if self.disk is not None:
+            try:
+                self.disk.close()
+                log.info("disk cache closed")
+            except Exception as exc:  # noqa: BLE001
+                self._disk_failed("close", exc)
+            self.disk = None

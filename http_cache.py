@@ -1,0 +1,104 @@
+"""The response cache seen from the HTTP routes: look a request up, replay a hit, fill on success.
+
+A chat or completions entry holds what generation produced, not the rendered response: for each
+choice its text pieces (the stream's chunk boundaries) and finish reason, plus the token usage. The
+routes shape it exactly as they shape a live result, so a hit replays as SSE with the same framing
+whether the entry was filled by a stream or by a plain request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from cache import ResponseCache, is_deterministic, normalise_request, request_key
+from config import TierConfig
+from scheduler import DoneEvent
+
+
+def bypasses_cache(request: Request) -> bool:
+    """`Cache-Control: no-cache` (or no-store) in the request skips the lookup."""
+    directives = request.headers.get("cache-control", "").lower()
+    return "no-cache" in directives or "no-store" in directives
+
+
+@dataclass
+class CacheLookup:
+    """The outcome of one lookup: `key` is None when the request is not cacheable."""
+
+    cache: ResponseCache | None
+    key: str | None = None
+    hit: dict[str, Any] | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.key is None:
+            return {}
+        return {"X-Cache": "HIT" if self.hit is not None else "MISS"}
+
+    async def store(
+        self, choices: Sequence[tuple[Sequence[str], str]], prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        """Fill the entry from a finished result: (pieces, finish reason) per choice and the usage."""
+        if self.cache is None or self.key is None:
+            return
+        value = {
+            "choices": [{"pieces": list(pieces), "finish_reason": reason} for pieces, reason in choices],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+        }
+        await self.cache.put(self.key, value)
+
+
+async def lookup(request: Request, endpoint: str, tier: TierConfig, body: Any) -> CacheLookup:
+    """Look up a deterministic request (temperature 0 or a seed); others are never cached."""
+    cache: ResponseCache | None = getattr(request.app.state, "cache", None)
+    if cache is None or not cache.enabled or not is_deterministic(body):
+        return CacheLookup(cache)
+    key = request_key(endpoint, tier, normalise_request(body))
+    if bypasses_cache(request):
+        return CacheLookup(cache, key)
+    hit = await cache.get(key)
+    if not _well_formed(hit):
+        hit = None
+    return CacheLookup(cache, key, hit)
+
+
+def _well_formed(value: Any) -> bool:
+    try:
+        return all(isinstance(piece, str) for c in value["choices"] for piece in c["pieces"]) and bool(value["choices"])
+    except (TypeError, KeyError):
+        return False
+
+
+@dataclass
+class CachedRun:
+    """A cached choice with the surface of a running job, so the SSE code replays it unchanged."""
+
+    pieces: list[str]
+    done: DoneEvent
+    chunks: list[str] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        """Nothing runs: a replay has nothing to stop."""
+
+    async def events(self) -> AsyncIterator[str]:
+        for piece in self.pieces:
+            yield piece
+
+
+def cached_runs(hit: dict[str, Any]) -> list[CachedRun]:
+    usage = hit.get("usage", {})
+    runs = []
+    for choice in hit["choices"]:
+        done = DoneEvent(
+            finish_reason=str(choice.get("finish_reason", "stop")),
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+            queue_seconds=0.0,
+            compute_seconds=0.0,
+        )
+        runs.append(CachedRun(list(choice["pieces"]), done))
+    return runs

@@ -1,0 +1,81 @@
+"""Admin API: tier status, load and unload on demand, response cache statistics and clearing.
+
+GET  /admin/status                   every tier (state, backend, model, memory, in flight, queue,
+                                     last use, load time), the memory budget, the cache, draining
+POST /admin/tiers/{tier}/load        load now (waits for the load; 503 when it fails)
+POST /admin/tiers/{tier}/unload      409 while requests are in flight, unless ?force=true, which
+                                     cancels them (streams end with an error event)
+GET  /admin/cache, DELETE /admin/cache
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from cache import ResponseCache
+from errors import NotFound
+from model_manager import ModelManager
+
+router = APIRouter(prefix="/admin")
+
+
+def _manager(request: Request) -> ModelManager:
+    return request.app.state.manager
+
+
+def _tier(request: Request, tier: str) -> str:
+    manager = _manager(request)
+    name = tier.strip().lower()
+    if name not in manager.tiers:
+        raise NotFound(f"No configured tier {tier!r}. Configured tiers: {', '.join(manager.tiers)}")
+    return name
+
+
+@router.get("/status")
+async def admin_status(request: Request) -> dict[str, Any]:
+    manager = _manager(request)
+    cache: ResponseCache = request.app.state.cache
+    activity = request.app.state.activity
+    return {
+        "uptime_seconds": round(time.time() - request.app.state.started, 1),
+        "draining": activity.draining,
+        "requests_in_flight": activity.in_flight,
+        "memory": {
+            "max_bytes": manager.budget_bytes or None,
+            "reserved_bytes": manager.used_bytes,
+        },
+        "tiers": {name: manager.detailed_status(name) for name in manager.tiers},
+        "cache": cache.stats(),
+    }
+
+
+@router.post("/tiers/{tier}/load")
+async def load_tier(tier: str, request: Request) -> dict[str, Any]:
+    name = _tier(request, tier)
+    manager = _manager(request)
+    await manager.ensure_loaded(name)
+    return {"tier": name, **manager.detailed_status(name)}
+
+
+@router.post("/tiers/{tier}/unload")
+async def unload_tier(tier: str, request: Request, force: bool = False) -> dict[str, Any]:
+    name = _tier(request, tier)
+    manager = _manager(request)
+    cancelled = manager.tiers[name].in_flight
+    await manager.unload(name, force=force)
+    return {"tier": name, "cancelled": cancelled if force else 0, **manager.detailed_status(name)}
+
+
+@router.get("/cache")
+async def cache_stats(request: Request) -> dict[str, Any]:
+    cache: ResponseCache = request.app.state.cache
+    return cache.stats()
+
+
+@router.delete("/cache")
+async def clear_cache(request: Request) -> dict[str, Any]:
+    cache: ResponseCache = request.app.state.cache
+    return {**await cache.clear(), **cache.stats()}
