@@ -155,6 +155,12 @@ def digest(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def unclassified_fields(schema: type[Any]) -> set[str]:
+    """Fields of a request schema that are neither keyed nor ignored (must be empty: see the tests)."""
+    keyed = KEYED_FIELDS.get(schema.__name__, frozenset())
+    return set(schema.model_fields) - keyed - IGNORED_FIELDS
+
+
 def normalise_request(body: Any) -> dict[str, Any]:
     """The request as JSON, without the fields that never change the answer."""
     return body.model_dump(mode="json", exclude=set(IGNORED_FIELDS))

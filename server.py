@@ -167,7 +167,7 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
 # ---------------------------------------------------------------- entry point
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, factories: Mapping[str, Factory] | None = None) -> int:
     import lifecycle
 
     try:
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return lifecycle.serve(create_app(settings), settings)
+    return lifecycle.serve(create_app(settings, factories), settings)
 
 
 if __name__ == "__main__":
