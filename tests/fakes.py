@@ -6,7 +6,10 @@ the parameters the server passed down.
 
 from __future__ import annotations
 
+import os
+import re
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,13 +17,17 @@ from backends import GenerationJob, StepOutput
 from config import Settings, TierConfig
 
 EOS = -1
+_HOLD = re.compile(r"HOLD:([^<\s]+)")
 
 
 class FakeChat:
     """One token per character. The reply to a prompt is `reply_for(prompt)`; then end of generation.
 
     Prompts containing "BOOM" fail after three tokens (an error in mid-stream); prompts containing
-    "ENDLESS" never stop on their own (for max_tokens and cancellation tests).
+    "ENDLESS" never stop on their own (for max_tokens and cancellation tests). A prompt containing
+    "HOLD:<path>" makes every step wait until that file exists (tests in another process release it);
+    `step_gate` does the same from a test in this process. A held step gives up when every active
+    sequence has been cancelled, as a real decode step would end.
     """
 
     def __init__(self, tier: TierConfig, context_length: int = 256, max_parallel: int = 2) -> None:
@@ -51,9 +58,21 @@ class FakeChat:
         self.inserted.append(job)
         self.active[id(job)] = (job, reply, 0)
 
+    def _held(self) -> bool:
+        if self.step_gate is not None and not self.step_gate.is_set():
+            return True
+        for job, _, _ in self.active.values():
+            match = _HOLD.search("".join(chr(t) for t in job.prompt_tokens))
+            if match and not os.path.exists(match.group(1)):
+                return True
+        return False
+
     def step(self) -> list[StepOutput]:
-        if self.step_gate is not None:
-            self.step_gate.wait(10)
+        give_up = time.monotonic() + 60  # a forgotten gate must not hang the suite
+        while self._held() and time.monotonic() < give_up:
+            if all(job.cancelled.is_set() for job, _, _ in self.active.values()):
+                return []
+            threading.Event().wait(0.01)  # a blocked "decode step"; nothing to wait on but the gate
         outputs = []
         for key, (job, reply, pos) in list(self.active.items()):
             prompt = "".join(chr(t) for t in job.prompt_tokens)
