@@ -1,0 +1,143 @@
+"""Drain and exit of a real server process: SIGTERM, Ctrl-C and inactivity auto-shutdown.
+
+Streams are held open by the fake model's HOLD gate (a file the test creates to let them finish), so
+"the stream is still open" is a fact the test controls, not a race against the clock.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.processes import ServerProcess, wait_for
+
+
+class HeldStream:
+    """A streamed chat request whose generation waits until `release()`; read on a thread."""
+
+    def __init__(self, url: str, workdir: Path) -> None:
+        self.gate = workdir / "release-stream"
+        self.events: list[Any] = []
+        self.started = threading.Event()
+        self.finished = threading.Event()
+        body = {
+            "model": "light",
+            "messages": [{"role": "user", "content": f"HOLD:{self.gate}"}],
+            "stream": True,
+        }
+        self.thread = threading.Thread(target=self._read, args=(url, body), daemon=True)
+        self.thread.start()
+        assert self.started.wait(30), "the stream did not start"
+
+    def _read(self, url: str, body: dict[str, Any]) -> None:
+        try:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        data = line.removeprefix("data: ")
+                        self.events.append(data if data == "[DONE]" else json.loads(data))
+                        self.started.set()
+        except httpx.HTTPError as exc:
+            self.events.append({"transport_error": repr(exc)})
+        finally:
+            self.started.set()
+            self.finished.set()
+
+    def release(self) -> None:
+        self.gate.write_text("go")
+
+    @property
+    def text(self) -> str:
+        return "".join(
+            e["choices"][0]["delta"].get("content", "") for e in self.events if isinstance(e, dict) and e.get("choices")
+        )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+def start(processes: list[ServerProcess], workdir: Path, **env: str) -> ServerProcess:
+    process = ServerProcess(workdir, **env)
+    processes.append(process)
+    process.wait_port()
+    return process
+
+
+def shutting_down(url: str) -> bool:
+    try:
+        response = httpx.get(f"{url}/health", timeout=5)
+    except httpx.TransportError:
+        return False
+    if response.status_code != 503:
+        return False
+    assert response.json()["error"]["code"] == "shutting_down"
+    assert response.headers["retry-after"]
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_drains_then_exits_cleanly(processes: list[ServerProcess], workdir: Path, sig: int) -> None:
+    server = start(processes, workdir, CACHE_PERSIST_TO_DISK="true", DRAIN_TIMEOUT="60")
+    url = server.url
+    stream = HeldStream(url, workdir)
+    server.signal(sig)
+    wait_for(lambda: shutting_down(url), 30, "503 for new requests")
+    assert not stream.finished.is_set()
+    stream.release()
+    assert stream.finished.wait(30)
+    assert stream.events[-1] == "[DONE]" and stream.text.startswith("echo: HOLD:")
+    assert server.wait() == 0
+    assert not server.port_file.exists()
+    assert "disk cache closed" in server.log
+
+
+def test_the_drain_deadline_cancels_what_is_left(processes: list[ServerProcess], workdir: Path) -> None:
+    server = start(processes, workdir, DRAIN_TIMEOUT="1")
+    stream = HeldStream(server.url, workdir)
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert stream.finished.wait(30)
+    assert stream.events[-1]["error"]["code"] == "request_cancelled"
+    assert "[DONE]" not in stream.events
+    assert "cancelling 1 request" in server.log
+    assert not server.port_file.exists()
+
+
+def test_inactivity_shutdown_waits_for_an_open_stream(processes: list[ServerProcess], workdir: Path) -> None:
+    server = start(processes, workdir, SHUTDOWN_TIMEOUT="1")
+    stream = HeldStream(server.url, workdir)
+    with pytest.raises(subprocess.TimeoutExpired):
+        server.wait(timeout=4)  # several timeouts pass while the stream is open: still serving
+    assert "no requests for" not in server.log  # not even draining
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    stream.release()
+    assert stream.finished.wait(30)
+    assert stream.events[-1] == "[DONE]"
+    assert server.wait() == 0
+    assert "no requests for 1s" in server.log
+    assert not server.port_file.exists()
+
+
+def test_an_idle_server_exits_after_the_timeout(processes: list[ServerProcess], workdir: Path) -> None:
+    server = start(processes, workdir, SHUTDOWN_TIMEOUT="1")
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    assert server.wait() == 0
+    assert not server.port_file.exists()
