@@ -1,0 +1,169 @@
+"""Cache-hit vs miss latency through HTTP, and tier load/unload times, against a real server process.
+
+    .venv/bin/python bench/bench_cache.py [--requests 200] [--misses 20]
+
+Starts `server.py` (the packaged Gemma 270M GGUF on the light tier; embedding and reranker off) on a
+free port with a temporary PORT_FILE and cache directory, then measures over keep-alive HTTP:
+- miss: distinct deterministic chat requests (temperature 0, max_tokens 16) that run the model;
+- memory hit: the same requests again (memory LRU tier);
+- disk hit: a second server with CACHE_MAX_SIZE=0 and CACHE_PERSIST_TO_DISK=true (disk tier only);
+- load/unload: POST /admin/tiers/light/load and /unload, wall time through HTTP and the server's own
+  load_seconds / unload_seconds.
+Prints a Markdown table; writes the raw numbers to bench/results/bench_cache.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def start_server(workdir: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+    port_file = workdir / ".port"
+    full_env = {
+        **os.environ,
+        "PORT": "0",
+        "PORT_FILE": str(port_file),
+        "EMBEDDING_MODEL_PATH": "",
+        "RERANKER_MODEL_PATH": "",
+        "LIGHT_N_CTX": "1024",
+        "LOG_LEVEL": "warning",
+        "CACHE_DIR": str(workdir / "cache"),
+        **env,
+    }
+    log = open(workdir / "server.log", "ab")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen([sys.executable, str(REPO / "server.py")], cwd=workdir, env=full_env, stderr=log)
+    deadline = time.monotonic() + 120
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"server did not start: {(workdir / 'server.log').read_text()}")
+        time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port_file.read_text().strip()}"
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+
+
+def http_client(url: str) -> httpx.Client:
+    """Keep-alive client with TCP_NODELAY: without it, the request's separate header and body writes
+    meet the server's delayed ACK and every small request pays ~40 ms that is not the server's."""
+    transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    return httpx.Client(base_url=url, timeout=300, transport=transport)
+
+
+def chat(client: httpx.Client, prompt: str) -> tuple[float, str]:
+    body = {"model": "light", "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 16}
+    started = time.perf_counter()
+    response = client.post("/v1/chat/completions", json=body)
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    return elapsed, response.headers.get("x-cache", "")
+
+
+def measure_cache(workdir: Path, misses: int, requests: int, **env: str) -> dict[str, list[float]]:
+    proc, url = start_server(workdir, **env)
+    try:
+        with http_client(url) as client:
+            client.post("/admin/tiers/light/load").raise_for_status()
+            chat(client, "warm-up")
+            prompts = [f"Name a colour. ({i})" for i in range(misses)]
+            miss = []
+            for prompt in prompts:
+                elapsed, header = chat(client, prompt)
+                assert header == "MISS", header
+                miss.append(elapsed)
+            hit = []
+            for i in range(requests):
+                elapsed, header = chat(client, prompts[i % misses])
+                assert header == "HIT", header
+                hit.append(elapsed)
+        return {"miss": miss, "hit": hit}
+    finally:
+        stop(proc)
+
+
+def measure_load(workdir: Path, rounds: int) -> dict[str, list[float]]:
+    proc, url = start_server(workdir)
+    out: dict[str, list[float]] = {"load_http": [], "load_server": [], "unload_http": [], "unload_server": []}
+    try:
+        with http_client(url) as client:
+            for _ in range(rounds):
+                started = time.perf_counter()
+                loaded = client.post("/admin/tiers/light/load").json()
+                out["load_http"].append(time.perf_counter() - started)
+                out["load_server"].append(loaded["load_seconds"])
+                started = time.perf_counter()
+                unloaded = client.post("/admin/tiers/light/unload").json()
+                out["unload_http"].append(time.perf_counter() - started)
+                out["unload_server"].append(unloaded["unload_seconds"] or 0.0)
+    finally:
+        stop(proc)
+    return out
+
+
+def row(name: str, values: list[float]) -> str:
+    ms = [v * 1000 for v in values]
+    return (
+        f"| {name} | {len(ms)} | {statistics.median(ms):.2f} | {percentile(ms, 95):.2f} | "
+        f"{min(ms):.2f} | {max(ms):.2f} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--misses", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "memory").mkdir()
+        (root / "disk").mkdir()
+        (root / "load").mkdir()
+        memory = measure_cache(root / "memory", args.misses, args.requests)
+        disk = measure_cache(
+            root / "disk", args.misses, args.requests, CACHE_MAX_SIZE="0", CACHE_PERSIST_TO_DISK="true"
+        )
+        load = measure_load(root / "load", args.rounds)
+    results: dict[str, Any] = {
+        "miss (Gemma 270M, 16 tokens)": memory["miss"],
+        "hit, memory tier": memory["hit"],
+        "hit, disk tier only": disk["hit"],
+        "load light (HTTP)": load["load_http"],
+        "load light (server load_seconds)": load["load_server"],
+        "unload light (HTTP)": load["unload_http"],
+        "unload light (server unload_seconds)": load["unload_server"],
+    }
+    print("| measurement | n | p50 ms | p95 ms | min ms | max ms |")
+    print("|---|---|---|---|---|---|")
+    for name, values in results.items():
+        print(row(name, values))
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_cache.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
