@@ -130,7 +130,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     candidates = [0] if port == 0 else range(port, min(port + PORT_SEARCH, 65536))
     last_error: OSError | None = None
     for candidate in candidates:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when the
+        # socket's proto says TCP, and without it every keep-alive response stalls ~40 ms on
+        # Nagle + delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, candidate))
@@ -287,7 +290,8 @@ def single_instance(port_file: str) -> Iterator[bool]:
 
 
 def serve(app: Any, settings: Settings, run: Callable[[Awaitable[None]], None] = asyncio.run) -> int:
-    """Serve until drained; 0 on a clean exit, 1 when another instance already serves `PORT_FILE`."""
+    """Serve until drained; 0 on a clean exit, 1 when another instance already serves `PORT_FILE`
+    or no port could be bound."""
     with single_instance(settings.port_file) as alone:
         if not alone:
             port = wait_for_port_file(settings.port_file)
@@ -298,7 +302,11 @@ def serve(app: Any, settings: Settings, run: Callable[[Awaitable[None]], None] =
                 settings.port_file,
             )
             return 1
-        sock = bind_socket(settings.host, settings.port)
+        try:
+            sock = bind_socket(settings.host, settings.port)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
+            return 1
         port = sock.getsockname()[1]
         run(DrainingServer(app, settings).serve(sock, port))
     return 0

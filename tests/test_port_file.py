@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 from collections.abc import Iterator
@@ -52,6 +53,29 @@ def test_port_zero_lets_the_system_choose() -> None:
         assert sock.getsockname()[1] > 0
     finally:
         sock.close()
+
+
+def test_accepted_connections_get_tcp_nodelay() -> None:
+    """Without TCP_NODELAY every keep-alive response waits ~40 ms for a delayed ACK."""
+    sock = bind_socket("127.0.0.1", 0)
+
+    async def scenario() -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            conn = writer.get_extra_info("socket")
+            seen.set_result(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(scenario()) != 0
 
 
 def test_the_port_file_is_replaced_atomically_without_leftovers(tmp_path: Path) -> None:
