@@ -19,10 +19,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cachetools
 from diskcache import UNKNOWN, Cache, Disk
@@ -31,6 +31,7 @@ from diskcache.core import MODE_BINARY, MODE_RAW
 from config import Settings, TierConfig
 
 log = logging.getLogger("llmservice.cache")
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1  # bump when the key derivation or the stored value format changes
 
@@ -359,6 +360,32 @@ class ResponseCache:
                 found[i] = value
         self._count(found)
         return found
+
+    async def get_or_compute_many(
+        self,
+        keys: Sequence[str],
+        items: Sequence[T],
+        compute: Callable[[list[T]], Awaitable[Sequence[Any]]],
+    ) -> tuple[list[Any], int]:
+        """Values for `items` in order, computing only those not cached (each distinct key once).
+
+        `compute` gets the missing items and returns their values in the same order; they are
+        stored before returning. Returns (values, number of items served from the cache).
+        """
+        found = await self.get_many(keys)
+        missing: dict[str, T] = {}
+        for key, item, value in zip(keys, items, found, strict=True):
+            if value is None and key not in missing:
+                missing[key] = item
+        if missing:
+            computed = list(await compute(list(missing.values())))
+            if len(computed) != len(missing):
+                raise ValueError(f"compute returned {len(computed)} values for {len(missing)} items")
+            fresh = dict(zip(missing, computed, strict=True))
+            await self.put_many(fresh)
+            found = [fresh[key] if value is None else value for key, value in zip(keys, found, strict=True)]
+        hits = sum(1 for key in keys if key not in missing)
+        return found, hits
 
     async def put(self, key: str, value: Any) -> None:
         await self.put_many({key: value})

@@ -147,6 +147,29 @@ def test_get_many_returns_values_in_order_with_gaps_for_misses(tmp_path: Path) -
     asyncio.run(scenario())
 
 
+def test_a_batch_with_known_texts_computes_only_the_new_ones_in_order(tmp_path: Path) -> None:
+    tier = settings(tmp_path).tiers["light"]
+    computed: list[list[str]] = []
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        computed.append(texts)
+        return [[float(len(t)), float(ord(t[0]))] for t in texts]
+
+    async def scenario() -> None:
+        cache = ResponseCache(settings(tmp_path, CACHE_PERSIST_TO_DISK="true"))
+        first = ["apple", "kiwi"]
+        values, hits = await cache.get_or_compute_many(text_keys("e", tier, first, {}), first, embed)
+        assert (values, hits) == ([[5.0, 97.0], [4.0, 107.0]], 0)
+        batch = ["fig", "kiwi", "fig", "apple", "date"]
+        values, hits = await cache.get_or_compute_many(text_keys("e", tier, batch, {}), batch, embed)
+        assert values == [[3.0, 102.0], [4.0, 107.0], [3.0, 102.0], [5.0, 97.0], [4.0, 100.0]]
+        assert hits == 2
+        assert computed == [["apple", "kiwi"], ["fig", "date"]]  # each new text once, known ones never
+        cache.close()
+
+    asyncio.run(scenario())
+
+
 def test_memory_entries_expire_after_the_ttl(tmp_path: Path) -> None:
     clock = Clock()
 
