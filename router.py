@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from config import CHAT_TIERS, TIERS, Settings
 from errors import ModelNotFound, WrongModelKind
 
+# Checked in order: reranker names often contain embedding words ("bge-reranker", "cross-encoder/...-MiniLM").
 BUILTIN_PATTERNS: dict[str, tuple[str, ...]] = {
-    "embedding": ("*embed*", "*bge*", "*e5*", "*minilm*", "*mpnet*", "*gte-*", "*nomic*"),
     "reranker": ("*rerank*", "*cross-encoder*", "*cross_encoder*"),
+    "embedding": ("*embed*", "*bge*", "*e5*", "*minilm*", "*mpnet*", "*gte-*", "*nomic*"),
 }
 # Size hints such as "qwen2.5-0.5b", "llama-3-8b-instruct", "70B": parameters in billions.
 _SIZE = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)\s*b(?![a-z0-9])", re.IGNORECASE)
