@@ -55,10 +55,12 @@ def _page() -> tuple[str, str]:
 def features(request: Request) -> dict[str, Any]:
     # Routers included with a prefix do not list their paths in app.routes; the schema has them all.
     paths = {*request.app.openapi().get("paths", {}), "/metrics"}
+    keyed = bool(request.app.state.settings.api_keys)
     return {
         "routes": [p for p in (*PROBED, *PROBED_V1) if p in paths],
-        "auth_required": bool(request.app.state.settings.api_keys),
-        "tiers": list(request.app.state.settings.tiers),
+        "auth_required": keyed,
+        # The page is public; with keys, the configured tiers are shown only once a key works.
+        "tiers": [] if keyed else list(request.app.state.settings.tiers),
     }
 
 

@@ -66,7 +66,9 @@ def test_page_says_which_apis_exist_and_whether_a_key_is_needed(make_client: Any
     assert "/v1/chat/completions" in open_features["routes"] and "/metrics" in open_features["routes"]
     assert open_features["tiers"] == ["light", "medium"]
     keyed = make_client({**FAKE_ENV, "API_KEYS": "sk-1"})
-    assert features_of(keyed.get("/admin").text)["auth_required"] is True
+    keyed_features = features_of(keyed.get("/admin").text)
+    assert keyed_features["auth_required"] is True
+    assert keyed_features["tiers"] == []  # the public page names no tiers until a key works
 
 
 def test_page_talks_only_to_its_own_origin() -> None:
