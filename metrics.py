@@ -13,7 +13,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -60,6 +67,7 @@ class Metrics:
         )
         self.cache_hits = Counter(f"{PREFIX}_cache_hits", "Response cache hits", ["tier", "endpoint"], registry=r)
         self.cache_misses = Counter(f"{PREFIX}_cache_misses", "Response cache misses", ["tier", "endpoint"], registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds (Linux)
         if manager is not None:
             r.register(TierCollector(manager))
 

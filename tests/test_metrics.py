@@ -114,6 +114,7 @@ def test_loaded_models_gauge_follows_the_tier(client: Any) -> None:
     assert value(after, loaded, tier="light", backend="llamacpp", model="light/fake-light") == 1
     assert value(after, loaded, tier="medium", backend="llamacpp", model="light/fake-7b") is None
     assert value(after, loaded, tier="medium", backend="llamacpp", model="medium/fake-7b") == 0
+    assert (value(after, "process_resident_memory_bytes") or 0) > 0
 
 
 @pytest.fixture
