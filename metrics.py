@@ -100,14 +100,22 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _memory_bytes(status: dict[str, Any], model_path: str) -> float | None:
-    """The tier's memory as the manager reports it; else the model file's size as an estimate."""
+def _memory(status: dict[str, Any], model_path: str) -> tuple[float, str] | None:
+    """A loaded tier's memory in bytes and where the number comes from.
+
+    The lifecycle manager reports `memory: {"estimated_bytes", "rss_delta_bytes"}`; flat
+    `memory_bytes` / `memory_gb` are read too; else the model file's size stands in.
+    """
+    nested = status.get("memory")
+    if isinstance(nested, dict):
+        for key, source in (("estimated_bytes", "estimate"), ("rss_delta_bytes", "rss_delta")):
+            if isinstance(nested.get(key), int | float) and nested[key] > 0:
+                return float(nested[key]), source
     for key, scale in (("memory_bytes", 1.0), ("memory_mb", 2.0**20), ("memory_gb", 2.0**30)):
-        value = status.get(key)
-        if isinstance(value, int | float):
-            return float(value) * scale
+        if isinstance(status.get(key), int | float):
+            return float(status[key]) * scale, "estimate"
     if model_path and os.path.isfile(model_path):
-        return float(os.path.getsize(model_path))
+        return float(os.path.getsize(model_path)), "file_size"
     return None
 
 
@@ -125,21 +133,25 @@ class TierCollector(Collector):
             f"{PREFIX}_model_loaded", "1 when the tier's model is loaded", labels=["tier", "backend", "model"]
         )
         state = GaugeMetricFamily(f"{PREFIX}_tier_state", "1 for the tier's current state", labels=["tier", "state"])
-        memory = GaugeMetricFamily(f"{PREFIX}_model_memory_bytes", "Memory of each loaded model", labels=["tier"])
+        memory = GaugeMetricFamily(
+            f"{PREFIX}_model_memory_bytes", "Memory of each loaded model", labels=["tier", "source"]
+        )
         in_flight = GaugeMetricFamily(f"{PREFIX}_in_flight_requests", "Requests holding the tier", labels=["tier"])
         queue = GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting for a slot", labels=["tier"])
         active = GaugeMetricFamily(f"{PREFIX}_active_sequences", "Requests being computed", labels=["tier"])
+        # The lifecycle manager's detailed status adds memory; the core manager has status only.
+        status_of = getattr(self.manager, "detailed_status", self.manager.status)
         for name, rt in self.manager.tiers.items():
-            status = self.manager.status(name)
+            status = status_of(name)
             ready = status.get("state") == "ready"
             loaded.add_metric([name, rt.config.backend, rt.config.model_id], 1.0 if ready else 0.0)
             state.add_metric([name, str(status.get("state", "unknown"))], 1.0)
             in_flight.add_metric([name], float(status.get("in_flight", 0)))
             queue.add_metric([name], float(status.get("queued", status.get("queue", 0)) or 0))
             active.add_metric([name], float(status.get("active", 0) or 0))
-            size = _memory_bytes(status, rt.config.model_path) if ready else None
-            if size is not None:
-                memory.add_metric([name], size)
+            found = _memory(status, rt.config.model_path) if ready else None
+            if found is not None:
+                memory.add_metric([name, found[1]], found[0])
         yield from (loaded, state, memory, in_flight, queue, active)
 
 

@@ -292,3 +292,22 @@ def test_streamed_request_logs_once_after_the_last_byte(client: Any, captured: C
     access = [r for r in captured.records if r.name == "llmservice.access" and r.request_id == request_id]
     assert len(access) == 1
     assert f"completion_tokens={len('echo: hi')}" in access[0].getMessage()
+
+
+def test_model_memory_of_a_loaded_tier(make_client: Any, tmp_path: Any) -> None:
+    model_file = tmp_path / "light.gguf"
+    model_file.write_bytes(b"\0" * 4096)
+    client = make_client({**FAKE_ENV, "LIGHT_MODEL_PATH": str(model_file)})
+    assert value(scrape(client), "llmservice_model_memory_bytes", tier="light", source="file_size") is None
+    client.post("/v1/chat/completions", json=CHAT)
+    assert value(scrape(client), "llmservice_model_memory_bytes", tier="light", source="file_size") == 4096
+
+
+def test_memory_reported_by_the_manager_wins() -> None:
+    from metrics import _memory
+
+    nested = {"memory": {"estimated_bytes": 2048, "rss_delta_bytes": 1000}}
+    assert _memory(nested, "") == (2048.0, "estimate")
+    assert _memory({"memory": {"estimated_bytes": None, "rss_delta_bytes": 1000}}, "") == (1000.0, "rss_delta")
+    assert _memory({"memory_gb": 0.5}, "") == (2.0**29, "estimate")
+    assert _memory({}, "/no/such/file") is None
