@@ -206,3 +206,32 @@ def test_unload_button_unloads_the_tier(dashboard_server: LiveServer, page: Page
     ARTIFACTS.mkdir(exist_ok=True)
     p.screenshot(path=str(ARTIFACTS / "admin-dashboard-unloaded.png"), full_page=True)
     assert page.errors == []
+
+
+@pytest.mark.real
+def test_playground_embeddings_and_rerank(request: pytest.FixtureRequest, make_client: Any, page: Page) -> None:
+    paths = make_client().app.openapi().get("paths", {})
+    if "/v1/embeddings" not in paths or "/v1/rerank" not in paths:
+        pytest.skip("this build has no /v1/embeddings or /v1/rerank (the RAG routes are not merged)")
+    live: LiveServer = request.getfixturevalue("real_server")  # MiniLM embedding + similarity reranker, no key
+    p = page.page
+    p.goto(live.url + "/admin")
+    p.wait_for_function("() => document.getElementById('conn').textContent.startsWith('live')", timeout=15_000)
+    p.select_option("#pg-mode", "embeddings")
+    p.wait_for_function("() => document.getElementById('pg-tier').value === 'embedding'")
+    p.fill("#pg-input", "the cat sat on the mat\nquantum chromodynamics")
+    p.click("#pg-send")
+    p.wait_for_selector("#pg-status[data-state=done]", timeout=180_000)
+    rows = p.inner_text("#pg-output").splitlines()
+    assert len(rows) == 2 and all("[384 dims]" in row for row in rows), rows
+    p.select_option("#pg-mode", "rerank")
+    p.wait_for_function("() => document.getElementById('pg-tier').value === 'reranker'")
+    p.fill("#pg-query", "Which animal purrs?")
+    p.fill("#pg-input", "Stock markets fell on Tuesday.\nCats purr when they are content.")
+    p.click("#pg-send")
+    p.wait_for_function("() => document.getElementById('pg-status').textContent.includes('results')", timeout=180_000)
+    ranked = p.inner_text("#pg-output").splitlines()
+    assert len(ranked) == 2 and "Cats purr" in ranked[0], ranked
+    ARTIFACTS.mkdir(exist_ok=True)
+    p.screenshot(path=str(ARTIFACTS / "admin-dashboard-rerank.png"), full_page=True)
+    assert page.errors == []
