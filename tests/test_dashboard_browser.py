@@ -118,12 +118,13 @@ def install_stand_in_unload(app: Any) -> bool:
 
 
 @pytest.fixture(scope="module")
-def dashboard_server() -> Iterator[LiveServer]:
+def dashboard_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """The real packaged Gemma on the light tier (embedding and reranker off), behind an API key."""
     from server import create_app
 
+    cache_dir = tmp_path_factory.mktemp("dashboard-cache")
     settings = real_settings(
-        {"EMBEDDING_MODEL_PATH": "", "RERANKER_MODEL_PATH": "", "API_KEYS": KEY, "ENABLE_CACHE": "false"}
+        {"EMBEDDING_MODEL_PATH": "", "RERANKER_MODEL_PATH": "", "API_KEYS": KEY, "CACHE_DIR": str(cache_dir)}
     )
     app = create_app(settings)
     app.state.real_unload_route = install_stand_in_unload(app)
@@ -203,8 +204,30 @@ def test_unload_button_unloads_the_tier(dashboard_server: LiveServer, page: Page
         p.click(button)
         p.wait_for_function(READY.replace("'ready'", "'unloaded'"), timeout=30_000)
         assert http.get("/health").json()["tiers"]["light"]["state"] == "unloaded"
-    ARTIFACTS.mkdir(exist_ok=True)
-    p.screenshot(path=str(ARTIFACTS / "admin-dashboard-unloaded.png"), full_page=True)
+        ARTIFACTS.mkdir(exist_ok=True)
+        p.screenshot(path=str(ARTIFACTS / "admin-dashboard-unloaded.png"), full_page=True)
+        if "/admin/tiers/{tier}/load" in dashboard_server.app.openapi().get("paths", {}):
+            p.click("#tiers tr[data-tier=light] button[data-action=load]")
+            p.wait_for_function(READY, timeout=60_000)
+            assert http.get("/health").json()["tiers"]["light"]["state"] == "ready"
+    assert page.errors == []
+
+
+@pytest.mark.real
+def test_cache_panel_shows_entries_and_clears(dashboard_server: LiveServer, page: Page) -> None:
+    if "/admin/cache" not in dashboard_server.app.openapi().get("paths", {}):
+        pytest.skip("this build has no /admin/cache (the response cache is not merged)")
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "light", "messages": [{"role": "user", "content": "cache me"}], "max_tokens": 4, "temperature": 0}
+    with httpx.Client(base_url=dashboard_server.url, timeout=120, headers=headers) as http:
+        assert http.post("/v1/chat/completions", json=body).status_code == 200  # deterministic: cached
+        assert http.get("/admin/cache").json()["entries"] >= 1
+        p = page.open_with_key(dashboard_server.url)
+        p.wait_for_function("() => Number(document.getElementById('cache-entries').textContent) >= 1")
+        p.click("#cache-clear")
+        p.wait_for_function("() => document.getElementById('cache-msg').textContent.startsWith('cleared')")
+        p.wait_for_function("() => document.getElementById('cache-entries').textContent === '0'")
+        assert http.get("/admin/cache").json()["entries"] == 0
     assert page.errors == []
 
 
