@@ -11,6 +11,7 @@ import base64
 import functools
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
+log = logging.getLogger("llmservice.dashboard")
 PAGE = Path(__file__).resolve().parent / "static" / "admin.html"
 FEATURES_MARK = "/*FEATURES*/{}"
 # Routes the page uses when present; the admin and RAG routes come from other modules.
@@ -54,7 +56,11 @@ def _page() -> tuple[str, str]:
 
 def features(request: Request) -> dict[str, Any]:
     # Routers included with a prefix do not list their paths in app.routes; the schema has them all.
-    paths = {*request.app.openapi().get("paths", {}), "/metrics"}
+    try:
+        paths = {*request.app.openapi().get("paths", {}), "/metrics"}
+    except Exception:  # noqa: BLE001 - a schema problem must not take the dashboard down
+        log.exception("could not build the OpenAPI schema; the dashboard assumes chat only")
+        paths = {"/metrics", "/v1/chat/completions"}
     keyed = bool(request.app.state.settings.api_keys)
     return {
         "routes": [p for p in (*PROBED, *PROBED_V1) if p in paths],

@@ -13,6 +13,7 @@ with the tasks that stream the response body, so a stream's numbers arrive befor
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import re
 import time
@@ -32,6 +33,7 @@ log = logging.getLogger("llmservice")
 HEADER = "x-request-id"
 # A client-supplied id is kept only if it is short and plain (it goes into logs and headers).
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+CLIENT_CLOSED = 499  # nginx's status for a request whose client left before any response
 
 
 @dataclass
@@ -176,7 +178,7 @@ class RequestContext:
             return
         info = RequestInfo(request_id=_request_id(scope), started=time.monotonic())
         token = _current.set(info)
-        status = 500
+        status = CLIENT_CLOSED  # stays so only when no response starts (the client went away first)
         headers: dict[str, str] = {}
         started_response = False
 
@@ -235,8 +237,6 @@ def _access_line(scope: Scope, status: int, duration: float, tier: str, info: Re
 
 
 async def _send_internal_error(send: Send) -> None:
-    import json
-
     body = json.dumps(ServiceError("The server hit an internal error").body()).encode()
     await send(
         {
