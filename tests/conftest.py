@@ -61,6 +61,18 @@ def client(make_client: Any) -> TestClient:
     return make_client()
 
 
+def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.01) -> bool:
+    """Poll `predicate` until it is true or the deadline passes (never a bare sleep as synchronisation)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
 # ---------------------------------------------------------------- live servers
 
 
