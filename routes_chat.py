@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+import request_context
 import router as tier_router
 from backends import GenerationJob, SamplingParams
 from config import Settings, TierConfig
@@ -54,9 +55,11 @@ class RunningJob:
         while self.done is None:
             event = await self.queue.get()
             if isinstance(event, TextEvent):
+                request_context.mark_first_token()
                 yield event.text
             elif isinstance(event, DoneEvent):
                 self.done = event
+                request_context.add_tokens(event.prompt_tokens, event.completion_tokens, event.compute_seconds)
             elif isinstance(event, ErrorEvent):
                 self.done = DoneEvent("error", len(self.job.prompt_tokens), self.job.completion_tokens, 0.0, 0.0)
                 raise event.error
@@ -127,6 +130,7 @@ async def cancel_on_exit(jobs: list[RunningJob]) -> AsyncIterator[None]:
 def resolve(request: Request, model: str) -> tuple[tier_router.Resolution, TierConfig]:
     settings: Settings = request.app.state.settings
     resolution = tier_router.resolve(model, "chat", settings)
+    request_context.note_tier(resolution.tier)
     if resolution.fallback_from:
         log.info("tier %s is not configured: serving %r with %s", resolution.fallback_from, model, resolution.tier)
     return resolution, settings.tiers[resolution.tier]

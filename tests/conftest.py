@@ -45,7 +45,8 @@ def make_client(fake_registry: FakeRegistry) -> Iterator[Any]:
     def build(env: Mapping[str, str] | None = None, registry: FakeRegistry | None = None) -> TestClient:
         settings = load_settings(FAKE_ENV if env is None else env)
         app = create_app(settings, factories=(registry or fake_registry).factories())
-        client = TestClient(app, raise_server_exceptions=False)
+        # A loopback Host: the Host allowlist (security.py) refuses TestClient's default "testserver".
+        client = TestClient(app, base_url="http://localhost", raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)
         return client
