@@ -27,7 +27,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
-    grammar: str | None = None  # a GBNF grammar constraining the output (llama.cpp)
+    json_schema: str | None = None  # canonical JSON schema the output must follow (structured_output.py)
 
 
 @dataclass

@@ -6,7 +6,9 @@ and passes the result in, so tests build settings from plain dicts.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,6 +307,26 @@ def _check_names(tiers: Mapping[str, TierConfig]) -> None:
             seen[key] = tier.name
 
 
+def _is_loopback(host: str) -> bool:
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _cors_origins(origins: tuple[str, ...]) -> tuple[str, ...]:
+    """Each origin is "*" or scheme://host[:port], compared exactly (so no path, no trailing slash)."""
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(
+                f"CORS_ORIGINS has value {origin!r}: an origin is scheme://host[:port] (e.g. http://localhost:3000)"
+            )
+    return origins
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build `Settings` from an environment mapping; raise `ConfigError` on the first bad value."""
     read = _Reader(env)
@@ -322,9 +344,16 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     log_level = read.str("LOG_LEVEL", "info").lower()
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
         raise ConfigError(f"LOG_LEVEL has value {log_level!r}: use debug, info, warning, error or critical")
+    host = read.str("HOST", "127.0.0.1") or "127.0.0.1"
+    api_keys = read.list("API_KEYS")
+    if not api_keys and not _is_loopback(host):
+        raise ConfigError(
+            f"HOST has value {host!r}: listening beyond this machine needs API_KEYS "
+            "(set API_KEYS=<key>[,<key>...], or HOST=127.0.0.1)"
+        )
     return Settings(
         tiers=tiers,
-        host=read.str("HOST", "127.0.0.1") or "127.0.0.1",
+        host=host,
         port=read.int("PORT", 8000, minimum=0),
         log_level=log_level,
         shutdown_timeout=read.float("SHUTDOWN_TIMEOUT", 0.0, minimum=0.0),
@@ -334,8 +363,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         cache_ttl_seconds=read.float("CACHE_TTL_SECONDS", 3600.0, minimum=0.0),
         cache_persist_to_disk=read.bool("CACHE_PERSIST_TO_DISK", False),
         cache_dir=os.path.expanduser(read.str("CACHE_DIR", ".cache/llmservice")),
-        api_keys=read.list("API_KEYS"),
-        cors_origins=read.list("CORS_ORIGINS"),
+        api_keys=api_keys,
+        cors_origins=_cors_origins(read.list("CORS_ORIGINS")),
         allowed_hosts=read.list("ALLOWED_HOSTS"),
         max_memory_gb=read.float("MAX_MEMORY_GB", 0.0, minimum=0.0),
         strict_tiers=read.bool("STRICT_TIERS", False),

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import chat_templates
+import structured_output
 from backends import GenerationJob, SamplingParams, StepOutput
 from config import TierConfig
 from errors import BackendError, InvalidRequest
@@ -162,8 +163,9 @@ class LlamaCppChat:
                     self._n_vocab, 64, params.repeat_penalty or 1.0, params.frequency_penalty, params.presence_penalty
                 )
             )
-        if params.grammar:
-            grammar = lib.llama_sampler_init_grammar(self._vocab, params.grammar.encode("utf-8"), b"root")
+        if params.json_schema:
+            gbnf = structured_output.gbnf_for(params.json_schema)
+            grammar = lib.llama_sampler_init_grammar(self._vocab, gbnf.encode("utf-8"), b"root")
             if not grammar:
                 lib.llama_sampler_free(chain)
                 raise InvalidRequest("The output grammar could not be compiled", param="response_format")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import chat_templates
+import structured_output
 from backends import GenerationJob, SamplingParams, StepOutput
 from config import PACKAGED_GEMMA, PACKAGED_MINILM, Settings, TierConfig
 from errors import ModelUnavailable
@@ -112,6 +113,9 @@ class MlxChat:
             presence_penalty=params.presence_penalty or None,
             frequency_penalty=params.frequency_penalty or None,
         )
+        if params.json_schema:
+            tokenizer = structured_output.llguidance_tokenizer(self._hf)
+            processors = [*processors, structured_output.MlxSchemaProcessor(tokenizer, params.json_schema, self._eos)]
         return sampler, processors
 
     def insert(self, job: GenerationJob) -> None:

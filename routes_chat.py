@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 import http_cache
+import request_context
 import router as tier_router
 from backends import GenerationJob, SamplingParams
 from config import Settings, TierConfig
@@ -56,9 +57,11 @@ class RunningJob:
             event = await self.queue.get()
             if isinstance(event, TextEvent):
                 self.chunks.append(event.text)
+                request_context.mark_first_token()
                 yield event.text
             elif isinstance(event, DoneEvent):
                 self.done = event
+                request_context.add_tokens(event.prompt_tokens, event.completion_tokens, event.compute_seconds)
                 if event.finish_reason == "cancelled":
                     raise RequestCancelled("The request was stopped by the server (tier unloaded or shutting down)")
             elif isinstance(event, ErrorEvent):
@@ -131,6 +134,7 @@ async def cancel_on_exit(jobs: list[RunningJob]) -> AsyncIterator[None]:
 def resolve(request: Request, model: str) -> tuple[tier_router.Resolution, TierConfig]:
     settings: Settings = request.app.state.settings
     resolution = tier_router.resolve(model, "chat", settings)
+    request_context.note_tier(resolution.tier)
     if resolution.fallback_from:
         log.info("tier %s is not configured: serving %r with %s", resolution.fallback_from, model, resolution.tier)
     return resolution, settings.tiers[resolution.tier]

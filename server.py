@@ -120,8 +120,12 @@ class _BodyTooLarge(Exception):
 
 def create_app(settings: Settings, factories: Mapping[str, Factory] | None = None) -> FastAPI:
     """Build the service for `settings`; `factories` replaces the model loaders (tests use fakes)."""
+    import dashboard
+    import metrics
+    import request_context
     import routes_admin
     import routes_chat
+    import security
     from lifecycle import Activity, ActivityTracker
 
     manager = ModelManager(settings, factories if factories is not None else default_factories())
@@ -143,13 +147,18 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
     app.state.cache = cache
     app.state.activity = Activity()
     app.state.started = time.time()
+    app.state.metrics = metrics.Metrics(manager)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    # Outermost: counts every request until its last byte (idle shutdown) and refuses new ones while draining.
+    security.install(app, settings)  # auth, CORS, Host allowlist (outside the body limit)
+    # Counts every request until its last byte (idle shutdown) and refuses new ones while draining.
     app.add_middleware(ActivityTracker, activity=app.state.activity)
+    request_context.install(app, app.state.metrics)  # outermost: request id, access log, metrics
     for prefix in ("/v1", ""):
         app.include_router(routes_chat.router, prefix=prefix)
     app.include_router(routes_admin.router)
+    app.include_router(metrics.router)
+    app.include_router(dashboard.router)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -169,16 +178,14 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
 
 def main(argv: list[str] | None = None, factories: Mapping[str, Factory] | None = None) -> int:
     import lifecycle
+    from request_context import configure_logging
 
     try:
         settings = load_settings(read_environment())
     except ConfigError as exc:
         sys.stderr.write(f"llmservice: configuration error: {exc}\n")  # logging is not set up yet
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level.upper() if settings.log_level != "trace" else "DEBUG")
     return lifecycle.serve(create_app(settings, factories), settings)
 
 

@@ -45,7 +45,8 @@ def make_client(fake_registry: FakeRegistry) -> Iterator[Any]:
     def build(env: Mapping[str, str] | None = None, registry: FakeRegistry | None = None) -> TestClient:
         settings = load_settings(FAKE_ENV if env is None else env)
         app = create_app(settings, factories=(registry or fake_registry).factories())
-        client = TestClient(app, raise_server_exceptions=False)
+        # A loopback Host: the Host allowlist (security.py) refuses TestClient's default "testserver".
+        client = TestClient(app, base_url="http://localhost", raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)
         return client
@@ -58,6 +59,18 @@ def make_client(fake_registry: FakeRegistry) -> Iterator[Any]:
 @pytest.fixture
 def client(make_client: Any) -> TestClient:
     return make_client()
+
+
+def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.01) -> bool:
+    """Poll `predicate` until it is true or the deadline passes (never a bare sleep as synchronisation)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
 
 
 # ---------------------------------------------------------------- live servers

@@ -103,7 +103,10 @@ def test_n_returns_several_choices(client: TestClient) -> None:
 
 
 def test_content_parts_are_joined(client: TestClient) -> None:
-    body = {"model": "light", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+    body = {
+        "model": "light",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+    }
     assert client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == "echo: ab"
 
 
@@ -189,7 +192,9 @@ def test_health_reports_tier_states_without_loading(client: TestClient, fake_reg
 
 
 def test_fallback_to_nearest_tier_is_announced(client: TestClient) -> None:
-    response = client.post("/v1/chat/completions", json={"model": "heavy", "messages": [{"role": "user", "content": "q"}]})
+    response = client.post(
+        "/v1/chat/completions", json={"model": "heavy", "messages": [{"role": "user", "content": "q"}]}
+    )
     assert response.status_code == 200
     assert response.headers["x-tier"] == "medium"
     assert response.headers["x-tier-fallback"] == "heavy->medium"
@@ -258,7 +263,6 @@ def test_unknown_route_and_method(client: TestClient) -> None:
 
 def test_missing_model_file_fails_the_tier_only(make_client: Any, tmp_path: Any) -> None:
     from model_manager import default_factories
-
     from tests.fakes import FakeRegistry
 
     registry = FakeRegistry()
@@ -295,7 +299,9 @@ def test_corrupt_gguf_fails_cleanly(make_client: Any, tmp_path: Any) -> None:
         def factories(self) -> dict[str, Any]:
             return default_factories()
 
-    client = make_client({"LIGHT_MODEL_PATH": str(bad), "EMBEDDING_MODEL_PATH": "", "RERANKER_MODEL_PATH": ""}, Registry())
+    client = make_client(
+        {"LIGHT_MODEL_PATH": str(bad), "EMBEDDING_MODEL_PATH": "", "RERANKER_MODEL_PATH": ""}, Registry()
+    )
     error = assert_error(chat(client), 503, "model_unavailable")
     assert "corrupt.gguf" not in error["message"]
     assert client.get("/health").json()["tiers"]["light"]["state"] == "failed"

@@ -1,0 +1,188 @@
+"""Exposure controls: bearer API keys, a Host-header allowlist (DNS rebinding) and CORS.
+
+`install(app, settings)` adds them in this order, outermost first: Host allowlist, CORS, auth. CORS
+sits outside auth so that preflights (which never carry credentials) are answered, and so that a
+401 still carries the CORS headers a browser needs to read it. Refusing a non-loopback `HOST`
+without keys happens earlier, in `config.load_settings`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from config import Settings
+from errors import InvalidRequest, ServiceError, Unauthorized
+
+# Paths served without a key: the health probe, and the dashboard's static page (a browser cannot
+# attach a bearer header to a navigation; the page itself asks for the key and sends it on every call).
+PUBLIC_PATHS = frozenset({"/health", "/admin"})
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "X-Request-Id", "Cache-Control")
+CORS_EXPOSE_HEADERS = ("X-Request-Id", "X-Tier", "X-Tier-Fallback", "X-Cache", "Retry-After")
+
+
+class HostNotAllowed(InvalidRequest):
+    code = "host_not_allowed"
+
+
+async def _send_error(exc: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
+    await JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)(scope, receive, send)
+
+
+# ---------------------------------------------------------------- API keys
+
+
+def key_matches(presented: str, keys: Iterable[str]) -> bool:
+    """Constant-time comparison against every configured key (no early exit on a match)."""
+    # Hashing first makes both sides the same length, so not even the key's length leaks.
+    candidate = hashlib.sha256(presented.encode()).digest()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(candidate, hashlib.sha256(key.encode()).digest())
+    return matched
+
+
+def _bearer(headers: Headers) -> str | None:
+    value = headers.get("authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
+
+
+class BearerAuth:
+    """`Authorization: Bearer <key>` on everything but PUBLIC_PATHS, when API_KEYS is set."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        token = _bearer(Headers(scope=scope))
+        if token is None:
+            error = Unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                headers={"WWW-Authenticate": 'Bearer realm="llmservice"'},
+            )
+            await _send_error(error, scope, receive, send)
+            return
+        if not key_matches(token, self.keys):
+            error = Unauthorized(
+                "Incorrect API key provided.",
+                headers={"WWW-Authenticate": 'Bearer realm="llmservice", error="invalid_token"'},
+            )
+            await _send_error(error, scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------- Host allowlist
+
+
+def is_loopback_host(host: str) -> bool:
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name in LOOPBACK_NAMES or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    """The name part of a Host header: no port, no IPv6 brackets, lower case, no trailing dot."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value[1:]
+    return value.rsplit(":", 1)[0].rstrip(".") if value.count(":") == 1 else value.rstrip(".")
+
+
+def host_allowed(header: str, allowed: tuple[str, ...]) -> bool:
+    """Loopback names, IP literals (a rebinding attack needs a DNS name) and ALLOWED_HOSTS entries.
+
+    An entry "*.example.com" admits subdomains; "*" admits everything (turns the check off).
+    """
+    name = host_name(header)
+    if not name or is_loopback_host(name):
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    for entry in allowed:
+        entry = entry.lower().rstrip(".")
+        if entry == "*" or entry == name or (entry.startswith("*.") and name.endswith(entry[1:])):
+            return True
+    return False
+
+
+class HostAllowlist:
+    def __init__(self, app: ASGIApp, allowed: tuple[str, ...]) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            header = Headers(scope=scope).get("host", "")
+            if not host_allowed(header, self.allowed):
+                shown = json.dumps(host_name(header)[:100])
+                await _send_error(
+                    HostNotAllowed(f"Host {shown} is not allowed; add it to ALLOWED_HOSTS", param="Host"),
+                    scope,
+                    receive,
+                    send,
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------- CORS
+
+
+class EnvelopeCORS(CORSMiddleware):
+    """Starlette's CORS, with refused preflights answered in the OpenAI error envelope."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        error = InvalidRequest(response.body.decode(errors="replace"), param="Origin")
+        error.code = "cors_rejected"
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return JSONResponse(error.body(), status_code=400, headers=headers)
+
+
+def cors_options(origins: tuple[str, ...]) -> dict[str, Any]:
+    allow_all = "*" in origins
+    return {
+        "allow_origins": list(origins),
+        "allow_methods": ["GET", "POST", "DELETE", "OPTIONS"],
+        "allow_headers": list(CORS_ALLOW_HEADERS),
+        # Credentials only with an explicit list: the browser then gets the exact origin echoed, never "*".
+        "allow_credentials": not allow_all,
+        "allow_private_network": not allow_all,
+        "expose_headers": list(CORS_EXPOSE_HEADERS),
+    }
+
+
+def install(app: Any, settings: Settings) -> None:
+    """Add auth, CORS and the Host allowlist (call before `request_context.install`)."""
+    if settings.api_keys:
+        app.add_middleware(BearerAuth, keys=settings.api_keys)
+    if settings.cors_origins:
+        app.add_middleware(EnvelopeCORS, **cors_options(settings.cors_origins))
+    app.add_middleware(HostAllowlist, allowed=(*settings.allowed_hosts, settings.host))

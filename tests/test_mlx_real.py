@@ -1,0 +1,89 @@
+"""A tiny random Llama generated with transformers, served by MlxChat (mlx-lm BatchGenerator) on CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from config import load_settings
+from server import create_app
+from tests.conftest import LiveServer, wait_until
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def mlx_server(tiny_mlx_model: Path) -> Iterator[LiveServer]:
+    env = {
+        "LIGHT_MODEL_PATH": "",
+        "MEDIUM_MODEL_PATH": str(tiny_mlx_model),
+        "MEDIUM_PARALLEL": "4",
+        "EMBEDDING_MODEL_PATH": "",
+        "RERANKER_MODEL_PATH": "",
+    }
+    with LiveServer(create_app(load_settings(env))) as live:
+        yield live
+
+
+def chat_body(content: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "medium", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def test_mlx_backend_is_inferred_and_chats(mlx_server: LiveServer) -> None:
+    assert mlx_server.app.state.settings.tiers["medium"].backend == "mlx"
+    response = httpx.post(
+        mlx_server.url + "/v1/chat/completions", json=chat_body("hello world", max_tokens=8, temperature=0), timeout=60
+    )
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert isinstance(data["choices"][0]["message"]["content"], str)
+    assert data["usage"]["completion_tokens"] <= 8
+    model = mlx_server.app.state.manager.tiers["medium"].worker.model
+    prompt = model.render_chat([{"role": "user", "content": "hello world"}], None)
+    assert prompt == "<s><|user|>hello world</s><|assistant|>"
+    assert data["usage"]["prompt_tokens"] == len(model.tokenize(prompt))
+
+
+def test_mlx_streaming_matches_non_streaming(mlx_server: LiveServer) -> None:
+    body = chat_body("the quick brown fox", max_tokens=10, temperature=0)
+    plain = httpx.post(mlx_server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    with httpx.stream("POST", mlx_server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == plain["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+
+
+def test_mlx_concurrent_streams_each_get_their_budget(mlx_server: LiveServer) -> None:
+    async def run() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(base_url=mlx_server.url, timeout=60) as client:
+            bodies = [chat_body(f"hello {i}", max_tokens=3 + i, temperature=0) for i in range(4)]
+            responses = await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
+            return [r.json() for r in responses]
+
+    results = asyncio.run(run())
+    for i, data in enumerate(results):
+        usage = data["usage"]["completion_tokens"]
+        assert usage == 3 + i or data["choices"][0]["finish_reason"] == "stop"
+
+
+def test_mlx_disconnect_frees_the_sequence(mlx_server: LiveServer) -> None:
+    body = chat_body("hello", max_tokens=400, stream=True)
+    with httpx.stream("POST", mlx_server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break
+        worker = mlx_server.app.state.manager.tiers["medium"].worker
+        jobs = [job for job, _ in list(worker.model._jobs.values())]
+        assert len(jobs) == 1
+    assert wait_until(lambda: worker.active == 0 and not worker.model._jobs)
+    assert jobs[0].cancelled.is_set()
+    assert jobs[0].completion_tokens < 400
