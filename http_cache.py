@@ -8,7 +8,7 @@ whether the entry was filled by a stream or by a plain request.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,3 +102,26 @@ def cached_runs(hit: dict[str, Any]) -> list[CachedRun]:
         )
         runs.append(CachedRun(list(choice["pieces"]), done))
     return runs
+
+
+async def no_release() -> None:
+    """The release of a cache replay: it holds no lease."""
+
+
+def filler(cached: CacheLookup) -> Callable[[Any], Awaitable[None]] | None:
+    """The `on_complete` of a live stream: fills the cache once the stream ran to its end."""
+    if cached.key is None:
+        return None
+
+    async def fill(running: Any) -> None:
+        done = running.done
+        await cached.store([(running.chunks, done.finish_reason)], done.prompt_tokens, done.completion_tokens)
+
+    return fill
+
+
+async def store_jobs(cached: CacheLookup, jobs: Sequence[Any], prompt_tokens: int) -> None:
+    """Fill the cache from finished non-streamed jobs (routes_chat.RunningJob)."""
+    completion_tokens = sum(r.done.completion_tokens for r in jobs if r.done is not None)
+    choices = [(r.chunks, r.done.finish_reason if r.done else "stop") for r in jobs]
+    await cached.store(choices, prompt_tokens, completion_tokens)

@@ -221,28 +221,6 @@ def message_dicts(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     return out
 
 
-async def _nothing() -> None:
-    """The release of a cache replay: it holds no lease."""
-
-
-def _filler(cached: http_cache.CacheLookup) -> OnComplete | None:
-    """Fills the cache from a stream that ran to its end."""
-    if cached.key is None:
-        return None
-
-    async def fill(running: Any) -> None:
-        done = running.done
-        await cached.store([(running.chunks, done.finish_reason)], done.prompt_tokens, done.completion_tokens)
-
-    return fill
-
-
-async def _store_jobs(cached: http_cache.CacheLookup, jobs: list[RunningJob], prompt_tokens: int) -> None:
-    completion_tokens = sum(r.done.completion_tokens for r in jobs if r.done is not None)
-    choices = [(r.chunks, r.done.finish_reason if r.done else "stop") for r in jobs]
-    await cached.store(choices, prompt_tokens, completion_tokens)
-
-
 def _chat_chunk_maker(body: ChatCompletionRequest, completion_id: str, created: int, include_usage: bool) -> Any:
     def make_chunk(
         role: bool = False, text: str | None = None, finish: str | None = None, usage: Any = None
@@ -322,7 +300,7 @@ def _chat_replay(body: ChatCompletionRequest, resolution: tier_router.Resolution
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         make_chunk = _chat_chunk_maker(body, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), include_usage)
         return StreamingResponse(
-            stream_events(runs[0], make_chunk, include_usage, _nothing),
+            stream_events(runs[0], make_chunk, include_usage, http_cache.no_release),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
         )
@@ -351,14 +329,14 @@ async def _chat_response(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         make_chunk = _chat_chunk_maker(body, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), include_usage)
         return StreamingResponse(
-            stream_events(running, make_chunk, include_usage, stack.aclose, _filler(cached)),
+            stream_events(running, make_chunk, include_usage, stack.aclose, http_cache.filler(cached)),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
         )
     jobs = [submit(scheduler, prompt, _seeded(params, i)) for i in range(body.n)]
     async with stack, cancel_on_exit(jobs):
         texts = await asyncio.gather(*(running.collect() for running in jobs))
-    await _store_jobs(cached, jobs, len(prompt))
+    await http_cache.store_jobs(cached, jobs, len(prompt))
     done = [running.done for running in jobs if running.done is not None]
     finishes = [finish_reason(running.done) for running in jobs]
     payload = _chat_payload(body, list(texts), finishes, usage(len(prompt), sum(d.completion_tokens for d in done)))
@@ -383,12 +361,13 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.suffix:
         raise InvalidRequest("suffix (fill-in-the-middle) is not supported", param="suffix")
     resolution, tier = resolve(request, body.model)
-    if body.stream and isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], (str, list)):
-        if len(body.prompt) > 1:
-            raise InvalidRequest("several prompts are supported only without streaming", param="prompt")
+    several = isinstance(body.prompt, list) and len(body.prompt) > 1 and isinstance(body.prompt[0], (str, list))
+    if body.stream and several:
+        raise InvalidRequest("several prompts are supported only without streaming", param="prompt")
     cached = await http_cache.lookup(request, "completions", tier, body)
     if cached.hit is not None:
-        return _completion_result(body, resolution, cached, http_cache.cached_runs(cached.hit), None, _nothing)
+        runs = http_cache.cached_runs(cached.hit)
+        return _completion_result(body, resolution, cached, runs, None, http_cache.no_release)
     stack = contextlib.AsyncExitStack()
     scheduler: ChatScheduler = await stack.enter_async_context(request.app.state.manager.lease(resolution.tier))
     try:
@@ -397,15 +376,15 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         params = sampling_params(body, tier, room)
         if body.stream:
             running = submit(scheduler, prompts[0], params)
-            return _completion_result(body, resolution, cached, [running], _filler(cached), stack.aclose)
+            return _completion_result(body, resolution, cached, [running], http_cache.filler(cached), stack.aclose)
         jobs = [submit(scheduler, prompt, _seeded(params, i)) for prompt in prompts for i in range(body.n)]
     except BaseException:
         await stack.aclose()
         raise
     async with stack, cancel_on_exit(jobs):
         await asyncio.gather(*(running.collect() for running in jobs))
-    await _store_jobs(cached, jobs, sum(len(p) for p in prompts) * body.n)
-    return _completion_result(body, resolution, cached, jobs, None, _nothing)
+    await http_cache.store_jobs(cached, jobs, sum(len(p) for p in prompts) * body.n)
+    return _completion_result(body, resolution, cached, jobs, None, http_cache.no_release)
 
 
 def _prompt_tokens(model: Any, prompt: Any) -> list[list[int]]:

