@@ -38,6 +38,9 @@ log = logging.getLogger("llmservice.lifecycle")
 PORT_SEARCH = 100  # how many ports above PORT to try when it is taken
 PORT_FILE_WAIT = 30.0  # seconds a second instance waits for the first one's .port to name it
 CANCEL_GRACE = 5.0  # seconds cancelled requests get to send their last event after the drain deadline
+# Reads by monitors (health checks, scrapers, the dashboard) do not count as activity for the idle
+# shutdown: a supervisor polling /health must not keep an unused server alive forever.
+MONITORING_PATHS = frozenset({"/health", "/metrics", "/admin", "/admin/status", "/admin/cache"})
 
 
 # ---------------------------------------------------------------- request activity
@@ -60,14 +63,17 @@ class Activity:
                 self._idle.set()
         return self._idle
 
-    def begin(self) -> None:
+    def begin(self, active: bool = True) -> None:
+        """A request starts; `active=False` (a monitoring read) leaves the idle clock alone."""
         self.in_flight += 1
-        self.last_activity = self.clock()
+        if active:
+            self.last_activity = self.clock()
         self._idle_event().clear()
 
-    def end(self) -> None:
+    def end(self, active: bool = True) -> None:
         self.in_flight -= 1
-        self.last_activity = self.clock()
+        if active:
+            self.last_activity = self.clock()
         if self.in_flight == 0:
             self._idle_event().set()
 
@@ -94,11 +100,12 @@ class ActivityTracker:
         if self.activity.draining:
             await _refuse(send)
             return
-        self.activity.begin()
+        active = not (scope.get("method") == "GET" and scope.get("path") in MONITORING_PATHS)
+        self.activity.begin(active)
         try:
             await self.app(scope, receive, send)
         finally:
-            self.activity.end()
+            self.activity.end(active)
 
 
 async def _refuse(send: Send) -> None:

@@ -19,6 +19,8 @@ import pytest
 
 from tests.processes import ServerProcess, wait_for
 
+CHAT = {"model": "light", "messages": [{"role": "user", "content": "hi"}]}
+
 
 class HeldStream:
     """A streamed chat request whose generation waits until `release()`; read on a thread."""
@@ -136,8 +138,24 @@ def test_inactivity_shutdown_waits_for_an_open_stream(processes: list[ServerProc
     assert not server.port_file.exists()
 
 
-def test_an_idle_server_exits_after_the_timeout(processes: list[ServerProcess], workdir: Path) -> None:
+def test_an_idle_server_exits_although_monitors_keep_polling(processes: list[ServerProcess], workdir: Path) -> None:
     server = start(processes, workdir, SHUTDOWN_TIMEOUT="1")
-    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
-    assert server.wait() == 0
+    url = server.url
+    assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+    polls = 0
+
+    def exited_while_polling() -> bool:
+        nonlocal polls
+        if server.proc.poll() is not None:
+            return True
+        for path in ("/health", "/metrics", "/admin/status"):
+            try:
+                httpx.get(f"{url}{path}", timeout=5)
+                polls += 1
+            except httpx.TransportError:
+                pass  # it is going away
+        return server.proc.poll() is not None
+
+    wait_for(exited_while_polling, 60, "exit despite monitoring polls")
+    assert server.wait() == 0 and polls > 0
     assert not server.port_file.exists()
