@@ -19,10 +19,11 @@ from config import TierConfig
 from scheduler import DoneEvent
 
 
-def bypasses_cache(request: Request) -> bool:
-    """`Cache-Control: no-cache` (or no-store) in the request skips the lookup."""
-    directives = request.headers.get("cache-control", "").lower()
-    return "no-cache" in directives or "no-store" in directives
+def cache_directives(request: Request) -> set[str]:
+    """The request's Cache-Control directives: `no-cache` skips the lookup (the fresh answer still
+    refreshes the entry); `no-store` also keeps the answer out of the cache."""
+    raw = request.headers.get("cache-control", "").lower()
+    return {part.strip().split("=", 1)[0] for part in raw.split(",") if part.strip()}
 
 
 @dataclass
@@ -32,6 +33,7 @@ class CacheLookup:
     cache: ResponseCache | None
     key: str | None = None
     hit: dict[str, Any] | None = None
+    store_result: bool = True
 
     @property
     def headers(self) -> dict[str, str]:
@@ -43,7 +45,7 @@ class CacheLookup:
         self, choices: Sequence[tuple[Sequence[str], str]], prompt_tokens: int, completion_tokens: int
     ) -> None:
         """Fill the entry from a finished result: (pieces, finish reason) per choice and the usage."""
-        if self.cache is None or self.key is None:
+        if self.cache is None or self.key is None or not self.store_result:
             return
         value = {
             "choices": [{"pieces": list(pieces), "finish_reason": reason} for pieces, reason in choices],
@@ -58,8 +60,9 @@ async def lookup(request: Request, endpoint: str, tier: TierConfig, body: Any) -
     if cache is None or not cache.enabled or not is_deterministic(body):
         return CacheLookup(cache)
     key = request_key(endpoint, tier, normalise_request(body))
-    if bypasses_cache(request):
-        return CacheLookup(cache, key)
+    directives = cache_directives(request)
+    if directives & {"no-cache", "no-store"}:
+        return CacheLookup(cache, key, store_result="no-store" not in directives)
     hit = await cache.get(key)
     if not _well_formed(hit):
         hit = None

@@ -360,8 +360,18 @@ def test_hit_and_miss_headers_and_the_model_runs_once(make_client: Any, fake_reg
 def test_no_cache_header_bypasses_the_lookup(make_client: Any, fake_registry: FakeRegistry) -> None:
     client = make_client()
     client.post("/v1/chat/completions", json=CHAT)
-    bypass = client.post("/v1/chat/completions", json=CHAT, headers={"Cache-Control": "no-cache"})
+    bypass = client.post("/v1/chat/completions", json=CHAT, headers={"Cache-Control": "no-cache, max-age=0"})
     assert bypass.headers["x-cache"] == "MISS"
+    assert inserted(fake_registry) == 2
+    assert client.post("/v1/chat/completions", json=CHAT).headers["x-cache"] == "HIT"  # refreshed, not dropped
+
+
+def test_no_store_neither_reads_nor_writes(make_client: Any, fake_registry: FakeRegistry) -> None:
+    client = make_client()
+    first = client.post("/v1/chat/completions", json=CHAT, headers={"Cache-Control": "no-store"})
+    assert first.headers["x-cache"] == "MISS"
+    assert client.get("/admin/cache").json()["entries"] == 0
+    assert client.post("/v1/chat/completions", json=CHAT).headers["x-cache"] == "MISS"
     assert inserted(fake_registry) == 2
 
 
