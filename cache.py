@@ -87,6 +87,35 @@ KEYED_FIELDS: dict[str, frozenset[str]] = {
             "best_of",
         }
     ),
+    # The embeddings and rerank schemas of the `rag` branch: per-text keys for embeddings (the input
+    # field is the text, every other field goes into `options`), one key per rerank request.
+    "EmbeddingRequest": frozenset(
+        {
+            "model",
+            "input",
+            "encoding_format",
+            "dimensions",
+            "embedding_type",
+            "return_sparse",
+            "return_colbert",
+            "truncate",
+        }
+    ),
+    "TeiEmbedRequest": frozenset({"model", "inputs", "normalize", "truncate", "dimensions"}),
+    "RerankRequest": frozenset(
+        {
+            "model",
+            "query",
+            "documents",
+            "texts",
+            "top_n",
+            "top_k",
+            "return_documents",
+            "return_text",
+            "raw_scores",
+            "truncate",
+        }
+    ),
 }
 
 # Tier settings that cannot change an answer (scheduling, memory mapping, names); all others are
@@ -177,6 +206,13 @@ def normalise_request(body: Any) -> dict[str, Any]:
 def request_key(endpoint: str, config: TierConfig, request: Mapping[str, Any]) -> str:
     """The key of a whole-request entry (chat, completions, rerank)."""
     return digest({"endpoint": endpoint, "tier": config.name, "model": model_identity(config), "request": request})
+
+
+def text_options(body: Any, input_field: str) -> dict[str, Any]:
+    """The per-text key options of an embeddings request: the normalised request minus its input."""
+    options = normalise_request(body)
+    options.pop(input_field, None)
+    return options
 
 
 def text_keys(endpoint: str, config: TierConfig, texts: Sequence[str], options: Mapping[str, Any]) -> list[str]:
