@@ -39,6 +39,7 @@ class FakeChat:
         self.active: dict[int, tuple[GenerationJob, str, int]] = {}
         self.step_gate: threading.Event | None = None  # when set by a test, each step waits for it
         self.closed = False
+        self.holds: dict[int, str] = {}  # job id -> file that must exist before the job advances
 
     def tokenize(self, text: str) -> list[int]:
         return [ord(ch) for ch in text]
@@ -56,16 +57,15 @@ class FakeChat:
         prompt = "".join(chr(t) for t in job.prompt_tokens)
         reply = ("x" * 100000) if "ENDLESS" in prompt else self.reply_for(prompt)
         self.inserted.append(job)
+        hold = _HOLD.search(prompt)
+        if hold:
+            self.holds[id(job)] = hold.group(1)
         self.active[id(job)] = (job, reply, 0)
 
     def _held(self) -> bool:
         if self.step_gate is not None and not self.step_gate.is_set():
             return True
-        for job, _, _ in self.active.values():
-            match = _HOLD.search("".join(chr(t) for t in job.prompt_tokens))
-            if match and not os.path.exists(match.group(1)):
-                return True
-        return False
+        return any(not os.path.exists(path) for key, path in self.holds.items() if key in self.active)
 
     def step(self) -> list[StepOutput]:
         give_up = time.monotonic() + 60  # a forgotten gate must not hang the suite
