@@ -107,3 +107,17 @@ def test_cache_stats_and_clear(make_client: Any, fake_registry: FakeRegistry) ->
     cleared = client.delete("/admin/cache").json()
     assert cleared["removed"] == 1 and cleared["entries"] == 0
     assert client.post("/v1/chat/completions", json=CHAT).headers["x-cache"] == "MISS"
+
+
+def test_loading_a_broken_tier_is_a_503_envelope(make_client: Any) -> None:
+    from errors import ModelUnavailable
+
+    class Broken(FakeRegistry):
+        def _load_chat(self, tier: Any, settings: Any) -> Any:
+            raise ModelUnavailable(f"The {tier.name} tier's model file does not exist")
+
+    client = make_client(registry=Broken())
+    response = client.post("/admin/tiers/light/load")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "model_unavailable"
+    assert client.get("/admin/status").json()["tiers"]["light"]["state"] == "failed"
