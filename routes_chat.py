@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -21,6 +21,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 import request_context
 import router as tier_router
+import structured_output
+import tool_calling
 from backends import GenerationJob, SamplingParams
 from config import Settings, TierConfig
 from errors import ContextLengthExceeded, InvalidRequest, ServiceError
@@ -164,20 +166,35 @@ def sse(data: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
 
 
+class TextShaper:
+    """Turns text pieces into chunk arguments one to one (tool_calling.ToolStreamShaper buffers calls)."""
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        return [{"text": piece}]
+
+    def end(self, done: DoneEvent) -> tuple[list[dict[str, Any]], str]:
+        return [], finish_reason(done)
+
+
 async def stream_events(
-    running: RunningJob, make_chunk: Any, include_usage: bool, release: Any
+    running: RunningJob, make_chunk: Any, include_usage: bool, release: Any, shaper: Any = None
 ) -> AsyncIterator[bytes]:
     """The SSE body: one chunk per text piece, a final chunk, usage if asked, then [DONE].
 
     An error after the stream started is one `data: {"error": ...}` event and no [DONE].
     """
+    shaper = shaper or TextShaper()
     try:
         yield sse(make_chunk(role=True))
         async for piece in running.events():
-            yield sse(make_chunk(text=piece))
+            for kwargs in shaper.feed(piece):
+                yield sse(make_chunk(**kwargs))
         done = running.done
         assert done is not None
-        yield sse(make_chunk(finish=done.finish_reason))
+        tail, finish = shaper.end(done)
+        for kwargs in tail:
+            yield sse(make_chunk(**kwargs))
+        yield sse(make_chunk(finish=finish))
         if include_usage:
             yield sse(make_chunk(usage=usage(done.prompt_tokens, done.completion_tokens)))
         yield b"data: [DONE]\n\n"
@@ -213,31 +230,45 @@ def message_dicts(body: ChatCompletionRequest) -> list[dict[str, Any]]:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     reject_unsupported(body)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise InvalidRequest("response_format json modes are not supported yet", param="response_format")
+    plan = tool_calling.plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    if plan is not None and plan.forced:
+        schema: dict[str, Any] | None = tool_calling.call_schema(plan)
+    else:
+        schema = structured_output.schema_from_response_format(body.response_format)
     resolution, tier = resolve(request, body.model)
-    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     stack = contextlib.AsyncExitStack()
     scheduler: ChatScheduler = await stack.enter_async_context(request.app.state.manager.lease(resolution.tier))
     try:
         model = scheduler.model
-        prompt_text = await asyncio.to_thread(model.render_chat, message_dicts(body), tools)
+        messages = tool_calling.prepare_messages(message_dicts(body), plan)
+        prompt_text = await asyncio.to_thread(model.render_chat, messages, None)
         prompt = await asyncio.to_thread(model.tokenize, prompt_text)
         params = sampling_params(body, tier, check_context(len(prompt), model.context_length))
-        return await _chat_response(body, request, resolution, scheduler, prompt, params, stack)
+        if schema is not None:
+            params = replace(params, json_schema=structured_output.canonical(schema))
+        return await _chat_response(body, resolution, scheduler, prompt, params, stack, plan)
     except BaseException:
         await stack.aclose()
         raise
 
 
+def chat_choice(index: int, text: str, done: DoneEvent | None, plan: tool_calling.ToolPlan | None) -> dict[str, Any]:
+    calls = tool_calling.parse_tool_calls(text, plan) if plan is not None else None
+    if calls:
+        message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": calls}
+        return {"index": index, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
+    message = {"role": "assistant", "content": text}
+    return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason(done)}
+
+
 async def _chat_response(
     body: ChatCompletionRequest,
-    request: Request,
     resolution: tier_router.Resolution,
     scheduler: ChatScheduler,
     prompt: list[int],
     params: SamplingParams,
     stack: contextlib.AsyncExitStack,
+    plan: tool_calling.ToolPlan | None,
 ) -> Any:
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -247,7 +278,11 @@ async def _chat_response(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def make_chunk(
-            role: bool = False, text: str | None = None, finish: str | None = None, usage: Any = None
+            role: bool = False,
+            text: str | None = None,
+            finish: str | None = None,
+            usage: Any = None,
+            delta: dict[str, Any] | None = None,
         ) -> dict[str, Any]:
             chunk: dict[str, Any] = {
                 "id": completion_id,
@@ -258,23 +293,16 @@ async def _chat_response(
             if usage is not None:
                 chunk["choices"] = []
             else:
-                delta: dict[str, Any] = (
-                    {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-                )
-                chunk["choices"] = [
-                    {
-                        "index": 0,
-                        "delta": delta,
-                        "logprobs": None,
-                        "finish_reason": "length" if finish == "length" else ("stop" if finish else None),
-                    }
-                ]
+                if delta is None:
+                    delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
             if include_usage:
                 chunk["usage"] = usage
             return chunk
 
+        shaper = tool_calling.ToolStreamShaper(plan) if plan is not None else None
         return StreamingResponse(
-            stream_events(running, make_chunk, include_usage, stack.aclose),
+            stream_events(running, make_chunk, include_usage, stack.aclose, shaper),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
         )
@@ -283,13 +311,7 @@ async def _chat_response(
         texts = await asyncio.gather(*(running.collect() for running in jobs))
     done = [running.done for running in jobs if running.done is not None]
     choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish_reason(running.done),
-        }
-        for i, (text, running) in enumerate(zip(texts, jobs, strict=True))
+        chat_choice(i, text, running.done, plan) for i, (text, running) in enumerate(zip(texts, jobs, strict=True))
     ]
     payload = {
         "id": completion_id,
@@ -306,8 +328,6 @@ def _seeded(params: SamplingParams, index: int) -> SamplingParams:
     """The i-th of n choices: a different seed each, so choices differ but stay reproducible."""
     if index == 0 or params.seed is None:
         return params
-    from dataclasses import replace
-
     return replace(params, seed=params.seed + index)
 
 

@@ -335,8 +335,9 @@ def render(results: dict[str, Any]) -> str:
         ("errors", "errors"),
     ]
     lines = [
-        f"Gemma 3 270M Q4_K_M (the packaged GGUF), {THREADS} threads, prompts of ~110 tokens (a distinct first line per "
-        f"request, so no prefix reuse), {MAX_TOKENS} generated tokens at temperature 0.7, streamed `/v1/completions`; "
+        f"Gemma 3 270M Q4_K_M (the packaged GGUF), {THREADS} threads, prompts of ~110 tokens "
+        f"(a distinct first line per request, so no prefix reuse), {MAX_TOKENS} generated tokens at "
+        "temperature 0.7, streamed `/v1/completions`; "
         "tokens counted as text chunks. One run of `.venv/bin/python bench/bench_llm.py`, all rows from the same run.",
         "",
         table(rows, columns),
@@ -348,10 +349,12 @@ def render(results: dict[str, Any]) -> str:
     if 1 in ours:
         lines.append(
             f"- Single stream: ours {ours[1]['per_stream_tok_s']:.1f} tok/s decode vs llama-cpp-python in-process "
-            f"{inproc['decode_tok_s']:.1f} tok/s (ratio {ours[1]['per_stream_tok_s'] / inproc['decode_tok_s']:.2f}; target >= 0.95)."
+            f"{inproc['decode_tok_s']:.1f} tok/s "
+            f"(ratio {ours[1]['per_stream_tok_s'] / inproc['decode_tok_s']:.2f}; target >= 0.95)."
         )
         lines.append(
-            f"- TTFT at one stream: ours {ours[1]['ttft_p50'] * 1000:.0f} ms p50 vs in-process {inproc['ttft'] * 1000:.0f} ms "
+            f"- TTFT at one stream: ours {ours[1]['ttft_p50'] * 1000:.0f} ms p50 "
+            f"vs in-process {inproc['ttft'] * 1000:.0f} ms "
             f"(added by the server: {(ours[1]['ttft_p50'] - inproc['ttft']) * 1000:.0f} ms; target <= 10 ms)."
         )
     for key, name, targets in (
