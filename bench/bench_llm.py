@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -69,15 +70,19 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 180)
     raise TimeoutError(url)
 
 
+_REQUEST_NUMBERS = itertools.count(1)
+
+
 def body_factory(model: str) -> Any:
     def body_for(i: int) -> dict[str, Any]:
-        # A distinct first line per request: no server can reuse a cached prompt prefix.
+        # A distinct first line for every request of the run: no server can reuse a cached prompt prefix.
+        n = next(_REQUEST_NUMBERS)
         return {
             "model": model,
-            "prompt": f"Chapter {i + 1}. {PROMPT}",
+            "prompt": f"Chapter {n}. {PROMPT}",
             "max_tokens": MAX_TOKENS,
             "temperature": 0.7,
-            "seed": i,
+            "seed": n,
         }
 
     return body_for
