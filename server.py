@@ -120,6 +120,7 @@ class _BodyTooLarge(Exception):
 def create_app(settings: Settings, factories: Mapping[str, Factory] | None = None) -> FastAPI:
     """Build the service for `settings`; `factories` replaces the model loaders (tests use fakes)."""
     import routes_chat
+    import routes_rag
 
     manager = ModelManager(settings, factories if factories is not None else default_factories())
 
@@ -137,6 +138,8 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     for prefix in ("/v1", ""):
         app.include_router(routes_chat.router, prefix=prefix)
+        app.include_router(routes_rag.router, prefix=prefix)
+    app.include_router(routes_rag.extra_router)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
