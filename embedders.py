@@ -198,7 +198,7 @@ class LlamaCppEmbedder:
 
         self.llm = open_gguf(tier)
         self.dimension = int(self.llm.n_embd())
-        self.max_input_tokens = min(tier.n_ctx, int(self.llm.n_ctx_train()) or tier.n_ctx)
+        self.max_input_tokens = min(tier.n_ctx, int(self.llm._model.n_ctx_train()) or tier.n_ctx)
         self.per_token = self.llm.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:

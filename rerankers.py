@@ -117,7 +117,7 @@ class LlamaCppReranker:
 
         self.llama_cpp = llama_cpp
         self.llm = open_gguf(tier, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_RANK)
-        self.max_input_tokens = min(tier.n_ctx, int(self.llm.n_ctx_train()) or tier.n_ctx)
+        self.max_input_tokens = min(tier.n_ctx, int(self.llm._model.n_ctx_train()) or tier.n_ctx)
         vocab = self.llm._model.vocab
         self._eos = llama_cpp.llama_vocab_eos(vocab)
         self._sep = llama_cpp.llama_vocab_sep(vocab)
