@@ -84,6 +84,9 @@ class FlagRerankerBackend:
         is_llm = any(a.endswith("ForCausalLM") for a in config.get("architectures", []))
         cls = FlagLLMReranker if is_llm else FlagReranker
         self.model = cls(path, use_fp16=False, devices="cpu", max_length=tier.n_ctx)
+        tokenizer = self.model.tokenizer
+        if tokenizer.pad_token is None:  # causal-LM tokenizers often lack one; batching needs it
+            tokenizer.pad_token = tokenizer.eos_token
         self.max_input_tokens = tier.n_ctx
 
     def score(self, pairs: Sequence[Pair]) -> list[float]:

@@ -163,3 +163,15 @@ def test_cross_encoder_tier_through_the_api(tiny_cross_encoder: Path) -> None:
     for i, logit in enumerate(logits):
         assert raw_by_index[i] == pytest.approx(logit, abs=1e-4)
         assert by_index[i] == pytest.approx(1 / (1 + np.exp(-logit)), abs=1e-4)
+
+
+def test_flag_reranker_loads_llm_rerankers(tiny_mlx_model: Path) -> None:
+    """A causal-LM folder goes to FlagLLMReranker (bge-reranker-v2-gemma style); batching keeps scores."""
+    from rerankers import load_flag_reranker
+
+    reranker = load_flag_reranker(*tier_for(tiny_mlx_model, "flag_reranker"))
+    assert type(reranker.model).__name__ != "FlagReranker"
+    together = reranker.score(PAIRS[:2])
+    alone = [reranker.score([pair])[0] for pair in PAIRS[:2]]
+    assert all(np.isfinite(together))
+    np.testing.assert_allclose(together, alone, atol=1e-4)
