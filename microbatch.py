@@ -42,7 +42,13 @@ class BatchWorker:
     """Owns one embedding/rerank model on one thread; merges compatible concurrent requests."""
 
     def __init__(
-        self, loader: Callable[[], Any], name: str, max_queue: int, wait_ms: float = 5.0, max_batch: int = 64
+        self,
+        loader: Callable[[], Any],
+        name: str,
+        max_queue: int,
+        wait_ms: float = 5.0,
+        max_batch: int = 64,
+        queue_timeout: float = 60.0,
     ) -> None:
         self.model: Any = None
         self.ready: Future[None] = Future()
@@ -50,6 +56,7 @@ class BatchWorker:
         self.max_queue = max_queue
         self.wait_seconds = max(0.0, wait_ms) / 1000.0
         self.max_batch = max(1, max_batch)
+        self.queue_timeout = queue_timeout  # seconds a request may wait before it gets a 503
         self.batches_run = 0  # batches the model ran (status and tests)
         self.largest_batch = 0  # the most requests merged into one batch so far
         self._loader = loader
@@ -166,7 +173,15 @@ class BatchWorker:
         return taken
 
     def _execute(self, group: list[_Work]) -> None:
-        live = [w for w in group if w.future.set_running_or_notify_cancel()]
+        now = time.monotonic()
+        live = []
+        for work in group:
+            if not work.future.set_running_or_notify_cancel():
+                continue  # the client went away while waiting
+            if now - work.enqueued_at > self.queue_timeout:
+                work.future.set_exception(Overloaded(f"Waited over {self.queue_timeout:g}s for the {self.name} tier"))
+                continue
+            live.append(work)
         if not live:
             return
         if len(live) == 1 or live[0].key is None:

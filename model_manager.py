@@ -105,7 +105,9 @@ class ModelManager:
         if config.kind == "chat":
             return ChatScheduler(loader, config.name, config.max_queue, config.queue_timeout)
         # Embedding and rerank tiers micro-batch concurrent requests (microbatch.py).
-        return BatchWorker(loader, config.name, config.max_queue, config.batch_wait_ms, config.max_batch)
+        return BatchWorker(
+            loader, config.name, config.max_queue, config.batch_wait_ms, config.max_batch, config.queue_timeout
+        )
 
     async def _load(self, rt: TierRuntime) -> None:
         started = time.perf_counter()

@@ -110,7 +110,7 @@ def _read_config(path: str) -> dict[str, Any]:
 
 
 class LlamaCppReranker:
-    """A GGUF reranker (rank pooling): one classifier score per [BOS] query [EOS] [SEP] doc [EOS] sequence."""
+    """A GGUF reranker (rank pooling): one classifier score per (query, document) sequence."""
 
     kind = "llamacpp-rank"
     scores_are_logits = True
@@ -122,17 +122,24 @@ class LlamaCppReranker:
         self.llm = open_gguf(tier, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_RANK)
         self.max_input_tokens = min(tier.n_ctx, int(self.llm._model.n_ctx_train()) or tier.n_ctx)
         vocab = self.llm._model.vocab
-        self._eos = llama_cpp.llama_vocab_eos(vocab)
-        self._sep = llama_cpp.llama_vocab_sep(vocab)
+        eos = llama_cpp.llama_vocab_eos(vocab)
+        self._eos = eos if eos != llama_cpp.LLAMA_TOKEN_NULL else llama_cpp.llama_vocab_sep(vocab)
+        self._bos = [llama_cpp.llama_vocab_bos(vocab)] if llama_cpp.llama_vocab_get_add_bos(vocab) else []
+        self._end = [self._eos] if llama_cpp.llama_vocab_get_add_eos(vocab) else []
+        self._sep = [llama_cpp.llama_vocab_sep(vocab)] if llama_cpp.llama_vocab_get_add_sep(vocab) else []
+        self._template = self.llm.metadata.get("tokenizer.chat_template.rerank")
 
     def _pair_tokens(self, query: str, doc: str) -> list[int]:
-        # The layout llama.cpp's server uses for rerank (format_rerank): BOS q EOS SEP d EOS, where
-        # the tokenizer adds BOS and, for BERT-like vocabularies, the trailing SEP/EOS itself.
-        q = self.llm.tokenize(query.encode("utf-8"), add_bos=True, special=False)
-        d = self.llm.tokenize(doc.encode("utf-8"), add_bos=False, special=False)
-        if q and q[-1] in (self._eos, self._sep):
-            return (q + d)[: self.max_input_tokens]
-        return (q + [self._eos, self._sep] + d + [self._eos])[: self.max_input_tokens]
+        """The layout of llama.cpp's server (format_prompt_rerank): the GGUF's rerank template when it
+        has one, else [BOS] query [EOS] [SEP] document [EOS], each special only where the vocabulary
+        adds it (BERT: [CLS] q [SEP] d [SEP]; XLM-RoBERTa: <s> q </s> </s> d </s>)."""
+        tokenize = self.llm.tokenize
+        if self._template:
+            prompt = self._template.replace("{query}", query).replace("{document}", doc)
+            return tokenize(prompt.encode("utf-8"), add_bos=False, special=True)[: self.max_input_tokens]
+        q = tokenize(query.encode("utf-8"), add_bos=False, special=False)
+        d = tokenize(doc.encode("utf-8"), add_bos=False, special=False)
+        return (self._bos + q + self._end + self._sep + d + self._end)[: self.max_input_tokens]
 
     def score(self, pairs: Sequence[Pair]) -> list[float]:
         llm = self.llm

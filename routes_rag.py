@@ -87,10 +87,16 @@ def _embed_run(types: tuple[str, ...], truncate: bool) -> Any:
 
 
 async def embed_texts(
-    request: Request, model: str, texts: list[str], types: tuple[str, ...], truncate: bool, dimensions: int | None
-) -> tuple[list[Embedded], int]:
-    """Embed on the tier's owner thread (micro-batched); dense vectors come back unit-length and cut
-    to `dimensions` (the request's, else `EMBEDDING_DIMENSION`). Returns (results, model dimension)."""
+    request: Request,
+    model: str,
+    texts: list[str],
+    types: tuple[str, ...],
+    truncate: bool,
+    dimensions: int | None,
+    normalize: bool = True,
+) -> list[Embedded]:
+    """Embed on the tier's owner thread (micro-batched); dense vectors are cut to `dimensions` (the
+    request's, else `EMBEDDING_DIMENSION`) and (re-)normalised unless `normalize` is false."""
     tier = _resolve(request, model, "embedding")
     async with request.app.state.manager.lease(tier.name) as worker:
         size = int(worker.model.dimension)
@@ -101,7 +107,7 @@ async def embed_texts(
             )
         future = worker.submit_batch(("embed", types, truncate), texts, _embed_run(types, truncate))
         rows: list[Embedded] = await asyncio.wrap_future(future)
-    return [_cut(row, want) for row in rows], size
+    return [_cut(row, want, normalize) for row in rows]
 
 
 def _unit(vector: Sequence[float]) -> list[float]:
@@ -110,12 +116,12 @@ def _unit(vector: Sequence[float]) -> list[float]:
     return (array / norm if norm > 0 else array).tolist()
 
 
-def _cut(row: Embedded, dimensions: int | None) -> Embedded:
+def _cut(row: Embedded, dimensions: int | None, normalize: bool) -> Embedded:
     """Matryoshka truncation: keep the first `dimensions` components and re-normalise."""
     if row.dense is None:
         return row
     dense = row.dense[:dimensions] if dimensions else row.dense
-    return Embedded(_unit(dense), row.sparse, row.colbert, row.tokens)
+    return Embedded(_unit(dense) if normalize else dense, row.sparse, row.colbert, row.tokens)
 
 
 def _encode(vector: list[float], encoding_format: str | None) -> list[float] | str:
@@ -140,7 +146,7 @@ def _requested_types(body: EmbeddingRequest) -> tuple[str, ...]:
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
     texts = input_texts(body.input)
     types = _requested_types(body)
-    rows, _ = await embed_texts(request, body.model, texts, types, body.truncate, body.dimensions)
+    rows = await embed_texts(request, body.model, texts, types, body.truncate, body.dimensions)
     data = []
     for index, row in enumerate(rows):
         item: dict[str, Any] = {
@@ -165,20 +171,14 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
 @extra_router.post("/embed")
 async def tei_embed(body: TeiEmbedRequest, request: Request) -> list[list[float]]:
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    if body.normalize:
-        rows, _ = await embed_texts(request, body.model, texts, ("dense",), body.truncate, body.dimensions)
-        return [row.dense or [] for row in rows]
-    tier = _resolve(request, body.model, "embedding")
-    async with request.app.state.manager.lease(tier.name) as worker:
-        future = worker.submit_batch(("embed", ("dense",), body.truncate), texts, _embed_run(("dense",), body.truncate))
-        raw: list[Embedded] = await asyncio.wrap_future(future)
-    return [(row.dense or [])[: body.dimensions] if body.dimensions else (row.dense or []) for row in raw]
+    rows = await embed_texts(request, body.model, texts, ("dense",), body.truncate, body.dimensions, body.normalize)
+    return [row.dense or [] for row in rows]
 
 
 @extra_router.post("/embed_sparse")
 async def tei_embed_sparse(body: TeiEmbedRequest, request: Request) -> list[list[dict[str, Any]]]:
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    rows, _ = await embed_texts(request, body.model, texts, ("sparse",), body.truncate, None)
+    rows = await embed_texts(request, body.model, texts, ("sparse",), body.truncate, None)
     return [[{"index": k, "value": v} for k, v in sorted((row.sparse or {}).items())] for row in rows]
 
 

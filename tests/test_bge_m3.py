@@ -100,3 +100,11 @@ def _tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+def test_tei_embed_without_normalising(m3_api: TestClient) -> None:
+    raw = m3_api.post("/embed", json={"inputs": TEXTS[:2], "normalize": False}).json()
+    unit = m3_api.post("/embed", json={"inputs": TEXTS[:2]}).json()
+    for r, u in zip(np.array(raw), np.array(unit), strict=True):
+        assert abs(np.linalg.norm(r) - 1.0) > 1e-3  # the raw [CLS] vector of this model is not unit length
+        np.testing.assert_allclose(r / np.linalg.norm(r), u, atol=1e-5)

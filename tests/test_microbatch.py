@@ -144,3 +144,19 @@ def test_micro_batched_embeddings_equal_unbatched_ones(minilm_path: Any) -> None
     a, b = np.array(alone), np.array(merged)
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cosine.min() > 0.9999
+
+
+def test_a_request_that_waited_past_the_queue_timeout_gets_a_503() -> None:
+    model = RecordingModel()
+    w = BatchWorker(lambda: model, "slow", max_queue=4, wait_ms=0, max_batch=8, queue_timeout=0.0)
+    w.ready.result(10)
+    try:
+        gate, _ = hold(w)
+        late = w.submit_batch("k", [1], double)
+        gate.set()
+        with pytest.raises(Overloaded) as refused:
+            late.result(10)
+        assert refused.value.status == 503 and "Waited over" in refused.value.message
+        assert model.batches == []
+    finally:
+        w.shutdown()
