@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from errors import Overloaded
@@ -35,7 +35,7 @@ class _Work:
     items: Sequence[Any]
     run: Run
     future: Future[Any]
-    enqueued_at: float = field(default_factory=time.monotonic)
+    enqueued_at: float
 
 
 class BatchWorker:
@@ -49,6 +49,7 @@ class BatchWorker:
         wait_ms: float = 5.0,
         max_batch: int = 64,
         queue_timeout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model: Any = None
         self.ready: Future[None] = Future()
@@ -57,6 +58,7 @@ class BatchWorker:
         self.wait_seconds = max(0.0, wait_ms) / 1000.0
         self.max_batch = max(1, max_batch)
         self.queue_timeout = queue_timeout  # seconds a request may wait before it gets a 503
+        self.clock = clock
         self.batches_run = 0  # batches the model ran (status and tests)
         self.largest_batch = 0  # the most requests merged into one batch so far
         self._loader = loader
@@ -95,7 +97,7 @@ class BatchWorker:
                 raise Overloaded(
                     f"The {self.name} tier has {len(self._pending)} requests waiting (limit {self.max_queue})"
                 )
-            self._pending.append(_Work(key, items, run, future))
+            self._pending.append(_Work(key, items, run, future, self.clock()))
             self._cond.notify()
         return future
 
@@ -157,7 +159,7 @@ class BatchWorker:
             deadline = first.enqueued_at + self.wait_seconds
             while count < self.max_batch:
                 count += self._take_matching(first.key, group, self.max_batch - count)
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self.clock()
                 if count >= self.max_batch or remaining <= 0 or self._stopping:
                     break
                 self._cond.wait(remaining)  # woken by the next submit, or the window closes
@@ -173,7 +175,7 @@ class BatchWorker:
         return taken
 
     def _execute(self, group: list[_Work]) -> None:
-        now = time.monotonic()
+        now = self.clock()
         live = []
         for work in group:
             if not work.future.set_running_or_notify_cancel():

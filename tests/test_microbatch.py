@@ -148,15 +148,19 @@ def test_micro_batched_embeddings_equal_unbatched_ones(minilm_path: Any) -> None
 
 def test_a_request_that_waited_past_the_queue_timeout_gets_a_503() -> None:
     model = RecordingModel()
-    w = BatchWorker(lambda: model, "slow", max_queue=4, wait_ms=0, max_batch=8, queue_timeout=0.0)
+    now = [100.0]  # a clock the test moves
+    w = BatchWorker(lambda: model, "slow", max_queue=4, wait_ms=0, max_batch=8, queue_timeout=30, clock=lambda: now[0])
     w.ready.result(10)
     try:
         gate, _ = hold(w)
         late = w.submit_batch("k", [1], double)
+        now[0] += 31
+        on_time = w.submit_batch("k", [2], double)
         gate.set()
+        assert on_time.result(10) == [4]
         with pytest.raises(Overloaded) as refused:
             late.result(10)
         assert refused.value.status == 503 and "Waited over" in refused.value.message
-        assert model.batches == []
+        assert model.batches == [[2]]
     finally:
         w.shutdown()
