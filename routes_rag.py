@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 import router as tier_router
 from config import Settings, TierConfig
@@ -143,7 +144,7 @@ def _requested_types(body: EmbeddingRequest) -> tuple[str, ...]:
 
 
 @router.post("/embeddings")
-async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
     texts = input_texts(body.input)
     types = _requested_types(body)
     rows = await embed_texts(request, body.model, texts, types, body.truncate, body.dimensions)
@@ -160,19 +161,16 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
             item["colbert_embedding"] = row.colbert
         data.append(item)
     tokens = sum(row.tokens for row in rows)
-    return {
-        "object": "list",
-        "data": data,
-        "model": body.model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    # Plain JSON types already: a JSONResponse skips FastAPI's per-float jsonable_encoder walk.
+    return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
 
 
 @extra_router.post("/embed")
-async def tei_embed(body: TeiEmbedRequest, request: Request) -> list[list[float]]:
+async def tei_embed(body: TeiEmbedRequest, request: Request) -> JSONResponse:
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     rows = await embed_texts(request, body.model, texts, ("dense",), body.truncate, body.dimensions, body.normalize)
-    return [row.dense or [] for row in rows]
+    return JSONResponse([row.dense or [] for row in rows])
 
 
 @extra_router.post("/embed_sparse")
