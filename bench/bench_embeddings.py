@@ -167,7 +167,7 @@ def section(r: dict[str, float], threads: int, waits: list[float], rounds: int) 
     largest = ", ".join(f"{r[f'largest_batch@{w:g}']:.0f} (BATCH_WAIT_MS={w:g})" for w in waits)
     return f"""## Embeddings
 
-all-MiniLM-L6-v2 (the embedded default), {threads} torch threads in the server and in-process, CPU only,
+all-MiniLM-L6-v2 (the embedded default), {threads} torch thread(s) in the server and in-process, CPU only,
 distinct 10-12-word sentences; measured {date} with `bench/bench_embeddings.py` on {platform.machine()}
 ({os.cpu_count()} cores): {rounds} interleaved rounds, median per setup. **The CPU was shared with other
 engineers' test runs while measuring** (1-minute load average {load:.1f} at the end), so the absolute
