@@ -95,3 +95,30 @@ def test_llama_index_tei_reranker(rag_server: Any) -> None:
     assert len(ranked) == 2
     assert ranked[0].node.get_content() == DOCS[1]
     assert 0.0 <= ranked[1].score <= ranked[0].score <= 1.0
+
+
+def test_concurrent_requests_get_their_own_results(rag_server: Any) -> None:
+    """16 clients at once against the live server (micro-batched together or not): each response is
+    the vector, and each rerank the order, that the same request gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"sentence {i} about {topic}" for i, topic in enumerate(["rivers", "taxes", "jazz", "cats"] * 4)]
+    alone = reference_vectors(rag_server.url, texts)
+
+    def one(text: str) -> list[float]:
+        body = {"model": "embedding", "input": text}
+        return httpx.post(f"{rag_server.url}/v1/embeddings", json=body, timeout=60).json()["data"][0]["embedding"]
+
+    def rank(query: str) -> dict[int, float]:
+        body = {"query": query, "documents": texts}
+        results = httpx.post(f"{rag_server.url}/v1/rerank", json=body, timeout=60).json()["results"]
+        return {r["index"]: r["relevance_score"] for r in results}  # insertion order = rank order
+
+    with ThreadPoolExecutor(16) as pool:
+        together = np.array(list(pool.map(one, texts)))
+        rankings = list(pool.map(rank, texts[:4]))
+    assert (together * alone).sum(axis=1).min() > 0.9999
+    assert [next(iter(r)) for r in rankings] == [0, 1, 2, 3]  # each query's own sentence ranks first
+    for together_scores, query in zip(rankings, texts[:4], strict=True):
+        alone_scores = rank(query)
+        assert all(abs(together_scores[i] - alone_scores[i]) < 1e-4 for i in range(len(texts)))
