@@ -123,6 +123,7 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
     import metrics
     import request_context
     import routes_chat
+    import routes_rag
     import security
 
     manager = ModelManager(settings, factories if factories is not None else default_factories())
@@ -144,6 +145,8 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
     request_context.install(app, app.state.metrics)  # outermost: request id, access log, metrics
     for prefix in ("/v1", ""):
         app.include_router(routes_chat.router, prefix=prefix)
+        app.include_router(routes_rag.router, prefix=prefix)
+    app.include_router(routes_rag.extra_router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
 
