@@ -111,11 +111,17 @@ class Embedder(Protocol):
 
 
 class Reranker(Protocol):
-    """A loaded reranker, used only from its owner thread. Scores are raw logits or similarities."""
+    """A loaded reranker, used only from its owner thread. Scores are raw logits or similarities.
 
-    kind: str  # shown in /v1/models owned_by: "cross-encoder", "flag-reranker", "similarity", ...
+    `score` takes (query, document) pairs rather than one query and its documents, so concurrent
+    requests with different queries can be micro-batched into one forward pass.
+    """
 
-    def score(self, query: str, documents: Sequence[str]) -> list[float]: ...
+    kind: str  # "cross-encoder", "flag-reranker", "llamacpp-rank", "similarity"
+    scores_are_logits: bool  # True: sigmoid maps to [0, 1]; False: cosine similarities in [-1, 1]
+    max_input_tokens: int
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]: ...
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
 

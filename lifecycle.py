@@ -137,9 +137,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     candidates = [0] if port == 0 else range(port, min(port + PORT_SEARCH, 65536))
     last_error: OSError | None = None
     for candidate in candidates:
-        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when the
-        # socket's proto says TCP, and without it every keep-alive response stalls ~40 ms on
-        # Nagle + delayed ACK.
+        # IPPROTO_TCP (not 0) so asyncio sets TCP_NODELAY on accepted connections: without it every
+        # small write (an SSE chunk, a keep-alive response) waits ~40 ms on Nagle + delayed ACK.
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

@@ -27,7 +27,7 @@ import chat_templates
 import structured_output
 from backends import GenerationJob, SamplingParams, StepOutput
 from config import TierConfig
-from errors import BackendError, InvalidRequest
+from errors import BackendError
 
 log = logging.getLogger("llmservice.llamacpp")
 _backend_lock = threading.Lock()
@@ -62,6 +62,7 @@ class _Sequence:
     pending: list[int]  # prompt tokens not yet decoded
     sampler: Any
     decoder: Any
+    matcher: Any = None  # llguidance matcher when the output must follow a JSON schema
     last_token: int | None = None  # sampled, not yet fed to the model
     reused_tokens: int = 0
 
@@ -111,6 +112,8 @@ class LlamaCppChat:
         self._slots = [_Slot(seq_id=i) for i in range(tier.parallel)]
         self._sequences: dict[int, _Sequence] = {}  # id(job) -> state, in insertion order
         self._piece = ctypes.create_string_buffer(256)
+        self._candidates = _internals.LlamaTokenDataArray(n_vocab=self._n_vocab)  # for constrained sampling
+        self._lltokenizer: Any = None
         metadata = self._model.metadata()
         self.architecture = metadata.get("general.architecture", "")
         self._template = chat_templates.select_template(
@@ -153,6 +156,32 @@ class LlamaCppChat:
 
     # ------------------------------------------------------------ sampling
 
+    def _make_matcher(self, params: SamplingParams) -> Any:
+        """An llguidance matcher for the job's JSON schema (None when the output is free)."""
+        if not params.json_schema:
+            return None
+        if self._lltokenizer is None:  # built once per model, on first use (~1 s for a 262k vocabulary)
+            from llguidance.llamacpp import lltokenizer_from_vocab
+
+            eog = [t for t in (self._model.token_eos(), self._model.token_eot()) if t >= 0]
+            self._lltokenizer = lltokenizer_from_vocab(self._vocab, eos_token=eog or None)
+        return structured_output.new_matcher(self._lltokenizer, params.json_schema)
+
+    def _sample_constrained(self, state: _Sequence, index: int) -> int:
+        """Mask the tokens the schema forbids, then sample with the request's own chain."""
+        import numpy as np
+
+        lib = self._lib
+        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self._ctx.ctx, index), shape=(self._n_vocab,))
+        allowed = structured_output.allowed_tokens(state.matcher, self._n_vocab)
+        candidates = self._candidates
+        candidates.copy_logits(np.where(allowed, logits, -np.inf).astype(np.float32))
+        lib.llama_sampler_apply(state.sampler, ctypes.byref(candidates.candidates))
+        token = int(candidates.candidates_data.id[candidates.candidates.selected])
+        state.matcher.consume_token(token)
+        lib.llama_sampler_accept(state.sampler, token)
+        return token
+
     def _make_sampler(self, params: SamplingParams) -> Any:
         lib = self._lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
@@ -163,13 +192,6 @@ class LlamaCppChat:
                     self._n_vocab, 64, params.repeat_penalty or 1.0, params.frequency_penalty, params.presence_penalty
                 )
             )
-        if params.json_schema:
-            gbnf = structured_output.gbnf_for(params.json_schema)
-            grammar = lib.llama_sampler_init_grammar(self._vocab, gbnf.encode("utf-8"), b"root")
-            if not grammar:
-                lib.llama_sampler_free(chain)
-                raise InvalidRequest("The output grammar could not be compiled", param="response_format")
-            add(grammar)
         if params.temperature <= 0.0:
             add(lib.llama_sampler_init_greedy())
             return chain
@@ -194,9 +216,11 @@ class LlamaCppChat:
         if reuse <= 0 or not self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1):
             self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             reuse = 0
+        matcher = self._make_matcher(job.params)
         slot.cached = list(prompt[:reuse])
         slot.busy = True
         state = _Sequence(
+            matcher=matcher,
             job=job,
             slot=slot,
             pending=list(prompt[reuse:]),
@@ -256,7 +280,10 @@ class LlamaCppChat:
         outputs: list[StepOutput] = []
         for key, index in sample_at:
             state = self._sequences[key]
-            token = lib.llama_sampler_sample(state.sampler, self._ctx.ctx, index)
+            if state.matcher is None:
+                token = lib.llama_sampler_sample(state.sampler, self._ctx.ctx, index)
+            else:
+                token = self._sample_constrained(state, index)
             job = state.job
             if lib.llama_vocab_is_eog(self._vocab, token):
                 outputs.append(StepOutput(job, "", token, True))

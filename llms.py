@@ -115,7 +115,7 @@ class MlxChat:
         )
         if params.json_schema:
             tokenizer = structured_output.llguidance_tokenizer(self._hf)
-            processors = [*processors, structured_output.MlxSchemaProcessor(tokenizer, params.json_schema, self._eos)]
+            processors = [*processors, structured_output.MlxSchemaProcessor(tokenizer, params.json_schema)]
         return sampler, processors
 
     def insert(self, job: GenerationJob) -> None:

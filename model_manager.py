@@ -30,6 +30,7 @@ from typing import Any
 from backends import Factory
 from config import PACKAGED_GEMMA, Settings, TierConfig
 from errors import Conflict, ModelUnavailable, Overloaded, ServiceError, ShuttingDown
+from microbatch import BatchWorker
 from scheduler import CallWorker, ChatScheduler
 
 log = logging.getLogger("llmservice.models")
@@ -39,9 +40,16 @@ UNLOADED, LOADING, READY, FAILED = "unloaded", "loading", "ready", "failed"
 
 def default_factories() -> dict[str, Factory]:
     """Backend loaders keyed "kind:backend"; each imports its heavy library only when called."""
+    import embedders
     import llms
+    import rerankers
 
-    return {"chat:llamacpp": llms.load_llamacpp_chat, "chat:mlx": llms.load_mlx_chat}
+    return {
+        "chat:llamacpp": llms.load_llamacpp_chat,
+        "chat:mlx": llms.load_mlx_chat,
+        **embedders.FACTORIES,
+        **rerankers.FACTORIES,
+    }
 
 
 def _tree_bytes(path: Path) -> int:
@@ -83,7 +91,7 @@ class TierRuntime:
     config: TierConfig
     state: str = UNLOADED
     reason: str = ""
-    worker: ChatScheduler | CallWorker | None = None
+    worker: ChatScheduler | CallWorker | BatchWorker | None = None
     in_flight: int = 0
     last_use: float = 0.0
     load_seconds: float = 0.0
@@ -166,12 +174,15 @@ class ModelManager:
             raise ModelUnavailable(f"The {config.name} tier's backend {config.backend!r} is not available here")
         return factory
 
-    def _start_worker(self, config: TierConfig) -> ChatScheduler | CallWorker:
+    def _start_worker(self, config: TierConfig) -> ChatScheduler | CallWorker | BatchWorker:
         factory = self._factory(config)
         loader = lambda: factory(config, self.settings)  # noqa: E731
         if config.kind == "chat":
             return ChatScheduler(loader, config.name, config.max_queue, config.queue_timeout)
-        return CallWorker(loader, config.name, config.max_queue)
+        # Embedding and rerank tiers micro-batch concurrent requests (microbatch.py).
+        return BatchWorker(
+            loader, config.name, config.max_queue, config.batch_wait_ms, config.max_batch, config.queue_timeout
+        )
 
     async def _load(self, rt: TierRuntime) -> None:
         rt.reason = ""
@@ -256,7 +267,7 @@ class ModelManager:
             return False
         return True
 
-    async def ensure_loaded(self, tier: str) -> ChatScheduler | CallWorker:
+    async def ensure_loaded(self, tier: str) -> ChatScheduler | CallWorker | BatchWorker:
         rt = self.tiers[tier]
         if rt.state in (UNLOADED, FAILED) and rt.loading is None:
             self.start_loading(tier)

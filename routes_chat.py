@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -22,6 +22,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 import http_cache
 import request_context
 import router as tier_router
+import structured_output
+import tool_calling
 from backends import GenerationJob, SamplingParams
 from config import Settings, TierConfig
 from errors import ContextLengthExceeded, InvalidRequest, RequestCancelled, ServiceError
@@ -168,11 +170,26 @@ def sse(data: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
 
 
+class TextShaper:
+    """Turns text pieces into chunk arguments one to one (tool_calling.ToolStreamShaper buffers calls)."""
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        return [{"text": piece}]
+
+    def end(self, done: DoneEvent) -> tuple[list[dict[str, Any]], str]:
+        return [], finish_reason(done)
+
+
 OnComplete = Callable[[Any], Awaitable[None]]
 
 
 async def stream_events(
-    running: Any, make_chunk: Any, include_usage: bool, release: Any, on_complete: OnComplete | None = None
+    running: Any,
+    make_chunk: Any,
+    include_usage: bool,
+    release: Any,
+    shaper: Any = None,
+    on_complete: OnComplete | None = None,
 ) -> AsyncIterator[bytes]:
     """The SSE body: one chunk per text piece, a final chunk, usage if asked, then [DONE].
 
@@ -180,15 +197,20 @@ async def stream_events(
     that ran to its end (it fills the cache). An error after the stream started is one
     `data: {"error": ...}` event and no [DONE].
     """
+    shaper = shaper or TextShaper()
     try:
         yield sse(make_chunk(role=True))
         async for piece in running.events():
-            yield sse(make_chunk(text=piece))
+            for kwargs in shaper.feed(piece):
+                yield sse(make_chunk(**kwargs))
         done = running.done
         assert done is not None
         if on_complete is not None:
             await on_complete(running)
-        yield sse(make_chunk(finish=done.finish_reason))
+        tail, finish = shaper.end(done)
+        for kwargs in tail:
+            yield sse(make_chunk(**kwargs))
+        yield sse(make_chunk(finish=finish))
         if include_usage:
             yield sse(make_chunk(usage=usage(done.prompt_tokens, done.completion_tokens)))
         yield b"data: [DONE]\n\n"
@@ -221,9 +243,53 @@ def message_dicts(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     return out
 
 
-def _chat_chunk_maker(body: ChatCompletionRequest, completion_id: str, created: int, include_usage: bool) -> Any:
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    reject_unsupported(body)
+    plan = tool_calling.plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    if plan is not None and plan.forced:
+        schema: dict[str, Any] | None = tool_calling.call_schema(plan)
+    else:
+        schema = structured_output.schema_from_response_format(body.response_format)
+    resolution, tier = resolve(request, body.model)
+    cached = await http_cache.lookup(request, "chat.completions", tier, body)
+    if cached.hit is not None:
+        return _chat_replay(body, resolution, cached, plan)
+    stack = contextlib.AsyncExitStack()
+    scheduler: ChatScheduler = await stack.enter_async_context(request.app.state.manager.lease(resolution.tier))
+    try:
+        model = scheduler.model
+        messages = tool_calling.prepare_messages(message_dicts(body), plan)
+        prompt_text = await asyncio.to_thread(model.render_chat, messages, None)
+        prompt = await asyncio.to_thread(model.tokenize, prompt_text)
+        params = sampling_params(body, tier, check_context(len(prompt), model.context_length))
+        if schema is not None:
+            params = replace(params, json_schema=structured_output.canonical(schema))
+        return await _chat_response(body, resolution, cached, scheduler, prompt, params, stack, plan)
+    except BaseException:
+        await stack.aclose()
+        raise
+
+
+def chat_choice(index: int, text: str, done: DoneEvent | None, plan: tool_calling.ToolPlan | None) -> dict[str, Any]:
+    calls = tool_calling.parse_tool_calls(text, plan) if plan is not None else None
+    if calls:
+        message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": calls}
+        return {"index": index, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
+    message = {"role": "assistant", "content": text}
+    return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason(done)}
+
+
+def _chat_chunk_maker(body: ChatCompletionRequest, include_usage: bool) -> Any:
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
     def make_chunk(
-        role: bool = False, text: str | None = None, finish: str | None = None, usage: Any = None
+        role: bool = False,
+        text: str | None = None,
+        finish: str | None = None,
+        usage: Any = None,
+        delta: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         chunk: dict[str, Any] = {
             "id": completion_id,
@@ -234,17 +300,9 @@ def _chat_chunk_maker(body: ChatCompletionRequest, completion_id: str, created: 
         if usage is not None:
             chunk["choices"] = []
         else:
-            delta: dict[str, Any] = (
-                {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-            )
-            chunk["choices"] = [
-                {
-                    "index": 0,
-                    "delta": delta,
-                    "logprobs": None,
-                    "finish_reason": "length" if finish == "length" else ("stop" if finish else None),
-                }
-            ]
+            if delta is None:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
         if include_usage:
             chunk["usage"] = usage
         return chunk
@@ -252,13 +310,25 @@ def _chat_chunk_maker(body: ChatCompletionRequest, completion_id: str, created: 
     return make_chunk
 
 
-def _chat_payload(
-    body: ChatCompletionRequest, texts: list[str], finishes: list[str], usage_: dict[str, int]
-) -> dict[str, Any]:
-    choices = [
-        {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
-        for i, (text, finish) in enumerate(zip(texts, finishes, strict=True))
-    ]
+def _chat_stream(
+    body: ChatCompletionRequest,
+    running: Any,
+    headers: dict[str, str],
+    release: Callable[[], Awaitable[None]],
+    plan: tool_calling.ToolPlan | None,
+    on_complete: OnComplete | None = None,
+) -> StreamingResponse:
+    """The SSE response of a live job or of a cache replay (the same shaping either way)."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    shaper = tool_calling.ToolStreamShaper(plan) if plan is not None else None
+    return StreamingResponse(
+        stream_events(running, _chat_chunk_maker(body, include_usage), include_usage, release, shaper, on_complete),
+        media_type="text/event-stream",
+        headers={**SSE_HEADERS, **headers},
+    )
+
+
+def _chat_payload(body: ChatCompletionRequest, choices: list[dict[str, Any]], usage_: dict[str, int]) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -269,49 +339,21 @@ def _chat_payload(
     }
 
 
-@router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-    reject_unsupported(body)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise InvalidRequest("response_format json modes are not supported yet", param="response_format")
-    resolution, tier = resolve(request, body.model)
-    cached = await http_cache.lookup(request, "chat.completions", tier, body)
-    if cached.hit is not None:
-        return _chat_replay(body, resolution, cached)
-    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
-    stack = contextlib.AsyncExitStack()
-    scheduler: ChatScheduler = await stack.enter_async_context(request.app.state.manager.lease(resolution.tier))
-    try:
-        model = scheduler.model
-        prompt_text = await asyncio.to_thread(model.render_chat, message_dicts(body), tools)
-        prompt = await asyncio.to_thread(model.tokenize, prompt_text)
-        params = sampling_params(body, tier, check_context(len(prompt), model.context_length))
-        return await _chat_response(body, resolution, cached, scheduler, prompt, params, stack)
-    except BaseException:
-        await stack.aclose()
-        raise
-
-
-def _chat_replay(body: ChatCompletionRequest, resolution: tier_router.Resolution, cached: Any) -> Any:
+def _chat_replay(
+    body: ChatCompletionRequest,
+    resolution: tier_router.Resolution,
+    cached: http_cache.CacheLookup,
+    plan: tool_calling.ToolPlan | None,
+) -> Any:
     assert cached.hit is not None
     runs = http_cache.cached_runs(cached.hit)
     headers = {**tier_headers(resolution), **cached.headers}
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        make_chunk = _chat_chunk_maker(body, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), include_usage)
-        return StreamingResponse(
-            stream_events(runs[0], make_chunk, include_usage, http_cache.no_release),
-            media_type="text/event-stream",
-            headers={**SSE_HEADERS, **headers},
-        )
-    hit_usage = cached.hit.get("usage", {})
-    payload = _chat_payload(
-        body,
-        ["".join(run.pieces) for run in runs],
-        [finish_reason(run.done) for run in runs],
-        usage(int(hit_usage.get("prompt_tokens", 0)), int(hit_usage.get("completion_tokens", 0))),
-    )
-    return JSONResponse(payload, headers=headers)
+        return _chat_stream(body, runs[0], headers, http_cache.no_release, plan)
+    choices = [chat_choice(i, "".join(run.pieces), run.done, plan) for i, run in enumerate(runs)]
+    counts = cached.hit.get("usage", {})
+    usage_ = usage(int(counts.get("prompt_tokens", 0)), int(counts.get("completion_tokens", 0)))
+    return JSONResponse(_chat_payload(body, choices, usage_), headers=headers)
 
 
 async def _chat_response(
@@ -322,24 +364,21 @@ async def _chat_response(
     prompt: list[int],
     params: SamplingParams,
     stack: contextlib.AsyncExitStack,
+    plan: tool_calling.ToolPlan | None,
 ) -> Any:
     headers = {**tier_headers(resolution), **cached.headers}
     if body.stream:
         running = submit(scheduler, prompt, params)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        make_chunk = _chat_chunk_maker(body, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), include_usage)
-        return StreamingResponse(
-            stream_events(running, make_chunk, include_usage, stack.aclose, http_cache.filler(cached)),
-            media_type="text/event-stream",
-            headers={**SSE_HEADERS, **headers},
-        )
+        return _chat_stream(body, running, headers, stack.aclose, plan, http_cache.filler(cached))
     jobs = [submit(scheduler, prompt, _seeded(params, i)) for i in range(body.n)]
     async with stack, cancel_on_exit(jobs):
         texts = await asyncio.gather(*(running.collect() for running in jobs))
     await http_cache.store_jobs(cached, jobs, len(prompt))
     done = [running.done for running in jobs if running.done is not None]
-    finishes = [finish_reason(running.done) for running in jobs]
-    payload = _chat_payload(body, list(texts), finishes, usage(len(prompt), sum(d.completion_tokens for d in done)))
+    choices = [
+        chat_choice(i, text, running.done, plan) for i, (text, running) in enumerate(zip(texts, jobs, strict=True))
+    ]
+    payload = _chat_payload(body, choices, usage(len(prompt), sum(d.completion_tokens for d in done)))
     return JSONResponse(payload, headers={**headers, **timing_headers(done)})
 
 
@@ -347,8 +386,6 @@ def _seeded(params: SamplingParams, index: int) -> SamplingParams:
     """The i-th of n choices: a different seed each, so choices differ but stay reproducible."""
     if index == 0 or params.seed is None:
         return params
-    from dataclasses import replace
-
     return replace(params, seed=params.seed + index)
 
 
@@ -442,7 +479,9 @@ def _completion_result(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            stream_events(runs[0], _completion_chunk_maker(body, include_usage), include_usage, release, on_complete),
+            stream_events(
+                runs[0], _completion_chunk_maker(body, include_usage), include_usage, release, on_complete=on_complete
+            ),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
         )

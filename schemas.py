@@ -185,3 +185,76 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---------------------------------------------------------------- embeddings and rerank
+
+MAX_EMBEDDING_INPUTS = 2048
+MAX_RERANK_DOCUMENTS = 10_000  # the tier's {TIER}_MAX_DOCUMENTS (default 1000) is checked in the route
+MAX_EMBEDDING_DIMENSION = 65_536
+
+EmbeddingText = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+EmbeddingTokens = Annotated[list[Annotated[int, Field(ge=0, le=1_000_000)]], Field(min_length=1, max_length=65_536)]
+EmbeddingInput = (
+    EmbeddingText
+    | Annotated[list[EmbeddingText], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    | EmbeddingTokens
+    | Annotated[list[EmbeddingTokens], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+)
+
+
+class EmbeddingRequest(_Request):
+    """OpenAI's embeddings request plus the seed's extensions (embedding_type, return_sparse)."""
+
+    model: ModelName
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(default=None, ge=1, le=MAX_EMBEDDING_DIMENSION)
+    user: str | None = Field(default=None, max_length=256)
+    embedding_type: Literal["dense", "sparse", "colbert"] | None = None
+    return_sparse: bool = False
+    return_colbert: bool = False
+    truncate: bool = False
+
+
+class TeiEmbedRequest(_Request):
+    """text-embeddings-inference's `/embed` and `/embed_sparse` body."""
+
+    model: ModelName = "embedding"
+    inputs: EmbeddingText | Annotated[list[EmbeddingText], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    normalize: bool = True
+    truncate: bool = False
+    dimensions: int | None = Field(default=None, ge=1, le=MAX_EMBEDDING_DIMENSION)
+
+
+class RerankDocument(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    text: EmbeddingText
+
+
+RerankDocuments = Annotated[list[EmbeddingText | RerankDocument], Field(max_length=MAX_RERANK_DOCUMENTS)]
+
+
+class RerankRequest(_Request):
+    """One body for the seed, Cohere v1/v2, Jina, Infinity and TEI rerank clients.
+
+    Unknown fields (Cohere's max_tokens_per_doc, rank_fields, max_chunks_per_doc, priority) are ignored.
+    """
+
+    model: ModelName = "reranker"
+    query: EmbeddingText
+    documents: RerankDocuments | None = None
+    texts: Annotated[list[EmbeddingText], Field(max_length=MAX_RERANK_DOCUMENTS)] | None = None  # TEI
+    top_n: int | None = Field(default=None, ge=0, le=MAX_RERANK_DOCUMENTS)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_RERANK_DOCUMENTS)
+    return_documents: bool | None = None
+    return_text: bool = False  # TEI
+    raw_scores: bool = False
+    truncate: bool = True
+
+    def document_texts(self) -> list[str]:
+        docs = self.documents if self.documents is not None else (self.texts or [])
+        return [d if isinstance(d, str) else d.text for d in docs]
+
+    def limit(self) -> int | None:
+        return self.top_n if self.top_n is not None else self.top_k

@@ -125,6 +125,7 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
     import request_context
     import routes_admin
     import routes_chat
+    import routes_rag
     import security
     from lifecycle import Activity, ActivityTracker
 
@@ -156,6 +157,8 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
     request_context.install(app, app.state.metrics)  # outermost: request id, access log, metrics
     for prefix in ("/v1", ""):
         app.include_router(routes_chat.router, prefix=prefix)
+        app.include_router(routes_rag.router, prefix=prefix)
+    app.include_router(routes_rag.extra_router)
     app.include_router(routes_admin.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)

@@ -1,10 +1,10 @@
 """Structured output: a JSON schema the decoder is forced to follow.
 
 `response_format` (json_object / json_schema) and forced tool calls both end up as one JSON schema in
-`SamplingParams.json_schema`. Each backend enforces it while sampling: llama.cpp through a GBNF
-grammar made from the schema, MLX through an llguidance matcher used as a logits processor. The
-output therefore always parses; it is cut short only when `max_tokens` runs out (finish_reason
-"length").
+`SamplingParams.json_schema`. Both backends enforce it with an llguidance matcher: a mask of the
+tokens the schema allows next, applied before sampling (llama.cpp: to the sampler's candidates; MLX:
+as a logits processor). The output therefore always parses and validates; it is cut short only when
+`max_tokens` runs out (finish_reason "length").
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ from typing import Any
 from errors import InvalidRequest
 
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
-
-# llama-cpp-python's converter lets raw control characters into strings; JSON forbids them.
-_LOOSE_CHAR = 'char ::= [^"\\\\] |'
-_STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+_COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def canonical(schema: dict[str, Any]) -> str:
@@ -51,16 +48,26 @@ def schema_from_response_format(response_format: Any) -> dict[str, Any] | None:
     return check_schema(spec["schema"], "response_format.json_schema.schema")
 
 
-@lru_cache(maxsize=128)
-def gbnf_for(schema_json: str) -> str:
-    """A llama.cpp GBNF grammar for a (canonical JSON) schema."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+def new_matcher(tokenizer: Any, schema_json: str) -> Any:
+    """An llguidance matcher for a schema; a schema it cannot enforce is a 400."""
+    import llguidance
 
-    try:
-        grammar = json_schema_to_gbnf(schema_json)
-    except Exception as exc:  # noqa: BLE001 - the converter raises plain exceptions for unsupported features
-        raise InvalidRequest(f"This JSON schema cannot be enforced: {exc}", param="response_format") from None
-    return grammar.replace(_LOOSE_CHAR, _STRICT_CHAR)
+    # One-line JSON with fixed separators: free whitespace lets a small model pad forever.
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_json, overrides=_COMPACT)
+    matcher = llguidance.LLMatcher(tokenizer, grammar)
+    if matcher.is_error():
+        raise InvalidRequest(f"This JSON schema cannot be enforced: {matcher.get_error()}", param="response_format")
+    return matcher
+
+
+def allowed_tokens(matcher: Any, vocab_size: int) -> Any:
+    """A boolean numpy vector: which tokens the schema allows next."""
+    import numpy as np
+    from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+    bitmask = allocate_token_bitmask(1, vocab_size)
+    fill_next_token_bitmask(matcher, bitmask, 0)
+    return np.unpackbits(bitmask.view(np.uint8), bitorder="little")[:vocab_size].astype(bool)
 
 
 class MlxSchemaProcessor:
@@ -70,21 +77,13 @@ class MlxSchemaProcessor:
     tokens generated since the last call are fed to the matcher first.
     """
 
-    def __init__(self, tokenizer: Any, schema_json: str, eos_token_ids: set[int]) -> None:
-        import llguidance
-        import numpy as np
-        from llguidance.numpy import allocate_token_bitmask
-
-        self._np = np
-        self._matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_json_schema(schema_json))
-        self._bitmask = allocate_token_bitmask(1, tokenizer.vocab_size)
-        self._eos = eos_token_ids
+    def __init__(self, tokenizer: Any, schema_json: str) -> None:
+        self._matcher = new_matcher(tokenizer, schema_json)
         self._prompt_length: int | None = None
         self._consumed = 0
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         import mlx.core as mx
-        from llguidance.numpy import fill_next_token_bitmask
 
         history = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
         if self._prompt_length is None:
@@ -92,13 +91,9 @@ class MlxSchemaProcessor:
         for token in history[self._prompt_length + self._consumed :]:
             self._matcher.consume_token(int(token))
             self._consumed += 1
-        fill_next_token_bitmask(self._matcher, self._bitmask, 0)
-        bits = self._np.unpackbits(self._bitmask.view(self._np.uint8), bitorder="little")[: logits.shape[-1]]
-        if self._matcher.is_accepting():
-            for eos in self._eos:
-                if eos < bits.size:
-                    bits[eos] = 1
-        allowed = mx.array(bits.astype(bool)).reshape((1, -1)) if logits.ndim == 2 else mx.array(bits.astype(bool))
+        allowed = mx.array(allowed_tokens(self._matcher, logits.shape[-1]))
+        if logits.ndim == 2:
+            allowed = allowed.reshape((1, -1))
         return mx.where(allowed, logits, mx.array(-float("inf"), dtype=logits.dtype))
 
 

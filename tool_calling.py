@@ -158,3 +158,49 @@ def may_be_call(prefix: str) -> bool | None:
     if "<tool_call>".startswith(stripped[:11]):
         return True if len(stripped) >= 11 else None
     return False
+
+
+class ToolStreamShaper:
+    """Streams plain answers as they come, but holds back text that may be a tool call until the end.
+
+    A call is sent as OpenAI's tool-call deltas: the first carries `index`, `id`, `type` and the
+    function name, the next the arguments.
+    """
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self.held = ""
+        self.is_call: bool | None = True if plan.forced else None
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        if self.is_call is False:
+            return [{"text": piece}]
+        self.held += piece
+        if self.is_call is None:
+            self.is_call = may_be_call(self.held)
+            if self.is_call is False:
+                text, self.held = self.held, ""
+                return [{"text": text}]
+        return []
+
+    def end(self, done: Any) -> tuple[list[dict[str, Any]], str]:
+        reason = "length" if done.finish_reason == "length" else "stop"
+        if not self.held:
+            return [], reason
+        calls = parse_tool_calls(self.held, self.plan)
+        if not calls:
+            return [{"text": self.held}], reason
+        deltas: list[dict[str, Any]] = []
+        for index, call in enumerate(calls):
+            function = call["function"]
+            head = {
+                "index": index,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": function["name"], "arguments": ""},
+            }
+            deltas.append({"delta": {"tool_calls": [head]}})
+            deltas.append(
+                {"delta": {"tool_calls": [{"index": index, "function": {"arguments": function["arguments"]}}]}}
+            )
+        return deltas, "tool_calls"

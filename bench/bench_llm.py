@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -69,15 +70,19 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 180)
     raise TimeoutError(url)
 
 
+_REQUEST_NUMBERS = itertools.count(1)
+
+
 def body_factory(model: str) -> Any:
     def body_for(i: int) -> dict[str, Any]:
-        # A distinct first line per request: no server can reuse a cached prompt prefix.
+        # A distinct first line for every request of the run: no server can reuse a cached prompt prefix.
+        n = next(_REQUEST_NUMBERS)
         return {
             "model": model,
-            "prompt": f"Chapter {i + 1}. {PROMPT}",
+            "prompt": f"Chapter {n}. {PROMPT}",
             "max_tokens": MAX_TOKENS,
             "temperature": 0.7,
-            "seed": i,
+            "seed": n,
         }
 
     return body_for
@@ -335,8 +340,9 @@ def render(results: dict[str, Any]) -> str:
         ("errors", "errors"),
     ]
     lines = [
-        f"Gemma 3 270M Q4_K_M (the packaged GGUF), {THREADS} threads, prompts of ~110 tokens (a distinct first line per "
-        f"request, so no prefix reuse), {MAX_TOKENS} generated tokens at temperature 0.7, streamed `/v1/completions`; "
+        f"Gemma 3 270M Q4_K_M (the packaged GGUF), {THREADS} threads, prompts of ~110 tokens "
+        f"(a distinct first line per request, so no prefix reuse), {MAX_TOKENS} generated tokens at "
+        "temperature 0.7, streamed `/v1/completions`; "
         "tokens counted as text chunks. One run of `.venv/bin/python bench/bench_llm.py`, all rows from the same run.",
         "",
         table(rows, columns),
@@ -348,10 +354,12 @@ def render(results: dict[str, Any]) -> str:
     if 1 in ours:
         lines.append(
             f"- Single stream: ours {ours[1]['per_stream_tok_s']:.1f} tok/s decode vs llama-cpp-python in-process "
-            f"{inproc['decode_tok_s']:.1f} tok/s (ratio {ours[1]['per_stream_tok_s'] / inproc['decode_tok_s']:.2f}; target >= 0.95)."
+            f"{inproc['decode_tok_s']:.1f} tok/s "
+            f"(ratio {ours[1]['per_stream_tok_s'] / inproc['decode_tok_s']:.2f}; target >= 0.95)."
         )
         lines.append(
-            f"- TTFT at one stream: ours {ours[1]['ttft_p50'] * 1000:.0f} ms p50 vs in-process {inproc['ttft'] * 1000:.0f} ms "
+            f"- TTFT at one stream: ours {ours[1]['ttft_p50'] * 1000:.0f} ms p50 "
+            f"vs in-process {inproc['ttft'] * 1000:.0f} ms "
             f"(added by the server: {(ours[1]['ttft_p50'] - inproc['ttft']) * 1000:.0f} ms; target <= 10 ms)."
         )
     for key, name, targets in (

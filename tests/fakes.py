@@ -23,6 +23,8 @@ _HOLD = re.compile(r"HOLD:([^<\s]+)")
 class FakeChat:
     """One token per character. The reply to a prompt is `reply_for(prompt)`; then end of generation.
 
+    The reply echoes the last message, or is exactly the text after "SAY:" when the message starts so.
+
     Prompts containing "BOOM" fail after three tokens (an error in mid-stream); prompts containing
     "ENDLESS" never stop on their own (for max_tokens and cancellation tests). A prompt containing
     "HOLD:<path>" makes every step wait until that file exists (tests in another process release it);
@@ -30,7 +32,7 @@ class FakeChat:
     sequence has been cancelled, as a real decode step would end.
     """
 
-    def __init__(self, tier: TierConfig, context_length: int = 256, max_parallel: int = 2) -> None:
+    def __init__(self, tier: TierConfig, context_length: int = 2048, max_parallel: int = 2) -> None:
         self.tier = tier
         self.context_length = context_length
         self.max_parallel = max_parallel
@@ -49,8 +51,11 @@ class FakeChat:
 
     @staticmethod
     def reply_for(prompt: str) -> str:
-        last = prompt.rsplit(">", 2)[-2] if prompt.endswith("<assistant>") else prompt
-        last = last.removesuffix("<assistant")
+        body = prompt.removesuffix("<assistant>")
+        starts = [body.rfind(tag) + len(tag) for tag in ("<user>", "<tool>", "<system>") if tag in body]
+        last = body[max(starts, default=0) :]
+        if last.startswith("SAY:"):  # lets a test script the model's exact output
+            return last[len("SAY:") :]
         return f"echo: {last}"
 
     def insert(self, job: GenerationJob) -> None:

@@ -244,8 +244,8 @@ def test_unknown_model_and_wrong_kind(client: TestClient) -> None:
 
 
 def test_prompt_longer_than_context_is_400_naming_both_counts(client: TestClient) -> None:
-    error = assert_error(chat(client, "y" * 400), 400, "context_length_exceeded")
-    assert "256" in error["message"] and str(len("<user>" + "y" * 400 + "<assistant>")) in error["message"]
+    error = assert_error(chat(client, "y" * 2100), 400, "context_length_exceeded")
+    assert "2048" in error["message"] and str(len("<user>" + "y" * 2100 + "<assistant>")) in error["message"]
 
 
 def test_body_over_the_limit_is_413(make_client: Any) -> None:

@@ -87,3 +87,25 @@ def test_mlx_disconnect_frees_the_sequence(mlx_server: LiveServer) -> None:
     assert wait_until(lambda: worker.active == 0 and not worker.model._jobs)
     assert jobs[0].cancelled.is_set()
     assert jobs[0].completion_tokens < 400
+
+
+def test_mlx_json_schema_is_enforced(mlx_server: LiveServer) -> None:
+    """A random model knows no JSON; the llguidance mask alone makes its output valid."""
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "word": {"type": "string", "maxLength": 5},
+            "n": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["word", "n"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    for seed in range(3):
+        body = chat_body("hello", max_tokens=60, temperature=1.0, seed=seed, response_format=response_format)
+        data = httpx.post(mlx_server.url + "/v1/chat/completions", json=body, timeout=60).json()
+        choice = data["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)

@@ -1,0 +1,219 @@
+"""Micro-batching owner thread for embedding and rerank tiers.
+
+Concurrent requests to one tier are gathered for up to `{TIER}_BATCH_WAIT_MS` after the first one
+arrives, or until `{TIER}_MAX_BATCH` inputs are waiting, and run as one batch on the model's owner
+thread; the results are split back to each request in order. Requests only merge when they share a
+key (the route puts everything that changes the computation in it: embedding types, truncation), so
+merging never changes a result. When a merged batch fails, each request is retried alone, so one bad
+input fails only its own request.
+
+The surface is the one `CallWorker` has (`ready`, `submit(fn)`, `shutdown`, `status`) plus
+`submit_batch(key, items, run)`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from errors import Overloaded
+
+log = logging.getLogger("llmservice.microbatch")
+
+Run = Callable[[Any, Sequence[Any]], Sequence[Any]]
+
+
+@dataclass
+class _Work:
+    key: Hashable | None  # None: a plain call, never merged
+    items: Sequence[Any]
+    run: Run
+    future: Future[Any]
+    enqueued_at: float
+
+
+class BatchWorker:
+    """Owns one embedding/rerank model on one thread; merges compatible concurrent requests."""
+
+    def __init__(
+        self,
+        loader: Callable[[], Any],
+        name: str,
+        max_queue: int,
+        wait_ms: float = 5.0,
+        max_batch: int = 64,
+        queue_timeout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model: Any = None
+        self.ready: Future[None] = Future()
+        self.name = name
+        self.max_queue = max_queue
+        self.wait_seconds = max(0.0, wait_ms) / 1000.0
+        self.max_batch = max(1, max_batch)
+        self.queue_timeout = queue_timeout  # seconds a request may wait before it gets a 503
+        self.clock = clock
+        self.batches_run = 0  # batches the model ran (status and tests)
+        self.largest_batch = 0  # the most requests merged into one batch so far
+        self._loader = loader
+        self._pending: collections.deque[_Work] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name=f"model-{name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ any thread
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active(self) -> int:
+        return int(self._busy)
+
+    def submit(self, fn: Callable[[Any], Any]) -> Future[Any]:
+        """Run `fn(model)` alone on the owner thread."""
+        return self._enqueue(None, (), lambda model, _items: fn(model))
+
+    def submit_batch(self, key: Hashable, items: Sequence[Any], run: Run) -> Future[list[Any]]:
+        """Run `run(model, items)` (it returns one result per item), possibly merged with other
+        requests of the same key; the future gets this request's results in order."""
+        return self._enqueue(key, list(items), run)
+
+    def _enqueue(self, key: Hashable | None, items: Sequence[Any], run: Run) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._cond:
+            if self._stopping:
+                raise Overloaded(f"The {self.name} tier is shutting down", retry_after=5)
+            if len(self._pending) >= self.max_queue + 1:
+                raise Overloaded(
+                    f"The {self.name} tier has {len(self._pending)} requests waiting (limit {self.max_queue})"
+                )
+            self._pending.append(_Work(key, items, run, future, self.clock()))
+            self._cond.notify()
+        return future
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "active": self.active,
+            "queued": self.queued,
+            "batch_wait_ms": round(self.wait_seconds * 1000, 3),
+            "max_batch": self.max_batch,
+            "batches_run": self.batches_run,
+            "largest_batch": self.largest_batch,
+        }
+
+    # ------------------------------------------------------------ owner thread
+
+    def _run(self) -> None:
+        try:
+            self.model = self._loader()
+        except BaseException as exc:  # noqa: BLE001 - reported through the future
+            self._stopping = True
+            self.ready.set_exception(exc)
+            return
+        self.ready.set_result(None)
+        while True:
+            group = self._next_group()
+            if group is None:
+                break
+            self._busy = True
+            try:
+                self._execute(group)
+            finally:
+                self._busy = False
+        try:
+            close = getattr(self.model, "close", None)
+            if close is not None:
+                close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing the %s model failed", self.name)
+
+    def _next_group(self) -> list[_Work] | None:
+        """The next request plus every compatible one that arrives within the batching window."""
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            first = self._pending.popleft()
+            group = [first]
+            if first.key is None:
+                return group
+            count = len(first.items)
+            deadline = first.enqueued_at + self.wait_seconds
+            while count < self.max_batch:
+                count += self._take_matching(first.key, group, self.max_batch - count)
+                remaining = deadline - self.clock()
+                if count >= self.max_batch or remaining <= 0 or self._stopping:
+                    break
+                self._cond.wait(remaining)  # woken by the next submit, or the window closes
+            return group
+
+    def _take_matching(self, key: Hashable, group: list[_Work], room: int) -> int:
+        taken = 0
+        for work in list(self._pending):
+            if work.key == key and taken + len(work.items) <= room:
+                self._pending.remove(work)
+                group.append(work)
+                taken += len(work.items)
+        return taken
+
+    def _execute(self, group: list[_Work]) -> None:
+        now = self.clock()
+        live = []
+        for work in group:
+            if not work.future.set_running_or_notify_cancel():
+                continue  # the client went away while waiting
+            if now - work.enqueued_at > self.queue_timeout:
+                work.future.set_exception(Overloaded(f"Waited over {self.queue_timeout:g}s for the {self.name} tier"))
+                continue
+            live.append(work)
+        if not live:
+            return
+        if len(live) == 1 or live[0].key is None:
+            for work in live:
+                self._run_alone(work)
+            return
+        items = [item for work in live for item in work.items]
+        try:
+            results = list(live[0].run(self.model, items))
+            if len(results) != len(items):
+                raise RuntimeError(f"batch returned {len(results)} results for {len(items)} inputs")
+        except BaseException:  # noqa: BLE001 - retried one by one so only the bad request fails
+            log.debug("a merged batch on %s failed; retrying its %d requests alone", self.name, len(live))
+            for work in live:
+                self._run_alone(work)
+            return
+        self._count(len(live))
+        start = 0
+        for work in live:
+            work.future.set_result(results[start : start + len(work.items)])
+            start += len(work.items)
+
+    def _run_alone(self, work: _Work) -> None:
+        try:
+            result = work.run(self.model, work.items)
+            work.future.set_result(result if work.key is None else list(result))
+        except BaseException as exc:  # noqa: BLE001 - the caller gets it
+            work.future.set_exception(exc)
+        self._count(1)
+
+    def _count(self, requests: int) -> None:
+        self.batches_run += 1
+        self.largest_batch = max(self.largest_batch, requests)

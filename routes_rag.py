@@ -1,0 +1,293 @@
+"""Routes for embeddings and rerank: OpenAI `/v1/embeddings`, TEI `/embed` and `/embed_sparse`, and one
+rerank handler behind `/v1/rerank`, `/rerank` and `/v2/rerank` for the seed, Cohere, Jina, Infinity and
+TEI clients.
+
+Each handler: parse (schemas.py) -> resolve the tier (router.py) -> lease it -> submit a micro-batch
+to its owner thread (microbatch.py) -> shape the client's wire format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+import router as tier_router
+from config import Settings, TierConfig
+from errors import InvalidRequest
+from schemas import EmbeddingRequest, RerankRequest, TeiEmbedRequest
+
+router = APIRouter()  # mounted under "/v1" and ""
+extra_router = APIRouter()  # TEI and Cohere v2 paths, mounted once at the root
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One input's result, as the owner thread hands it back."""
+
+    dense: list[float] | None
+    sparse: dict[int, float] | None
+    colbert: list[list[float]] | None
+    tokens: int
+
+
+# ---------------------------------------------------------------- shared steps
+
+
+def _resolve(request: Request, model: str, kind: str) -> TierConfig:
+    settings: Settings = request.app.state.settings
+    return settings.tiers[tier_router.resolve(model, kind, settings).tier]
+
+
+@functools.cache
+def _cl100k() -> Any:
+    """OpenAI's cl100k tokenizer, shipped offline by bpe-openai (immutable, so safe to share)."""
+    import bpe_openai
+
+    return bpe_openai.get_encoding("cl100k_base")
+
+
+def input_texts(raw: str | list[str] | list[int] | list[list[int]]) -> list[str]:
+    """Texts to embed. Token ids are OpenAI cl100k ids (what LangChain's OpenAIEmbeddings sends):
+    they are decoded to text, which this model then tokenizes with its own tokenizer."""
+    if isinstance(raw, str):
+        return [raw]
+    if raw and isinstance(raw[0], int):
+        return [_decode_tokens(raw)]  # type: ignore[arg-type]
+    return [item if isinstance(item, str) else _decode_tokens(item) for item in raw]  # type: ignore[union-attr]
+
+
+def _decode_tokens(tokens: Sequence[int]) -> str:
+    encoding = _cl100k()
+    if max(tokens) >= encoding.n_vocab:
+        raise InvalidRequest(f"Token id {max(tokens)} is not an OpenAI cl100k token id", param="input")
+    return encoding.decode(list(tokens))
+
+
+def _embed_run(types: tuple[str, ...], truncate: bool) -> Any:
+    def run(model: Any, texts: Sequence[str]) -> list[Embedded]:
+        result = model.embed(texts, types, truncate)
+        n = len(texts)
+        dense = result.dense or [None] * n
+        sparse = result.sparse or [None] * n
+        colbert = result.colbert or [None] * n
+        counts = result.token_counts or [0] * n
+        return [Embedded(*row) for row in zip(dense, sparse, colbert, counts, strict=True)]
+
+    return run
+
+
+async def embed_texts(
+    request: Request,
+    model: str,
+    texts: list[str],
+    types: tuple[str, ...],
+    truncate: bool,
+    dimensions: int | None,
+    normalize: bool = True,
+) -> list[Embedded]:
+    """Embed on the tier's owner thread (micro-batched); dense vectors are cut to `dimensions` (the
+    request's, else `EMBEDDING_DIMENSION`) and (re-)normalised unless `normalize` is false."""
+    tier = _resolve(request, model, "embedding")
+    async with request.app.state.manager.lease(tier.name) as worker:
+        size = int(worker.model.dimension)
+        want = dimensions if dimensions is not None else tier.embedding_dimension
+        if want is not None and want > size:
+            raise InvalidRequest(
+                f"dimensions is {want} but this model's embeddings have {size} dimensions", param="dimensions"
+            )
+        future = worker.submit_batch(("embed", types, truncate), texts, _embed_run(types, truncate))
+        rows: list[Embedded] = await asyncio.wrap_future(future)
+    return [_cut(row, want, normalize) for row in rows]
+
+
+def _unit(vector: Sequence[float]) -> list[float]:
+    array = np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(array))
+    return (array / norm if norm > 0 else array).tolist()
+
+
+def _cut(row: Embedded, dimensions: int | None, normalize: bool) -> Embedded:
+    """Matryoshka truncation: keep the first `dimensions` components and re-normalise."""
+    if row.dense is None:
+        return row
+    dense = row.dense[:dimensions] if dimensions else row.dense
+    return Embedded(_unit(dense) if normalize else dense, row.sparse, row.colbert, row.tokens)
+
+
+def _encode(vector: list[float], encoding_format: str | None) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
+
+
+def _requested_types(body: EmbeddingRequest) -> tuple[str, ...]:
+    types = [body.embedding_type or "dense"]
+    if body.return_sparse and "sparse" not in types:
+        types.append("sparse")
+    if body.return_colbert and "colbert" not in types:
+        types.append("colbert")
+    return tuple(types)
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
+    texts = input_texts(body.input)
+    types = _requested_types(body)
+    rows = await embed_texts(request, body.model, texts, types, body.truncate, body.dimensions)
+    data = []
+    for index, row in enumerate(rows):
+        item: dict[str, Any] = {
+            "object": "embedding",
+            "index": index,
+            "embedding": _encode(row.dense or [], body.encoding_format),
+        }
+        if row.sparse is not None:
+            item["sparse_embedding"] = {str(k): v for k, v in row.sparse.items()}
+        if row.colbert is not None:
+            item["colbert_embedding"] = row.colbert
+        data.append(item)
+    tokens = sum(row.tokens for row in rows)
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    # Plain JSON types already: a JSONResponse skips FastAPI's per-float jsonable_encoder walk.
+    return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
+
+
+@extra_router.post("/embed")
+async def tei_embed(body: TeiEmbedRequest, request: Request) -> JSONResponse:
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    rows = await embed_texts(request, body.model, texts, ("dense",), body.truncate, body.dimensions, body.normalize)
+    return JSONResponse([row.dense or [] for row in rows])
+
+
+@extra_router.post("/embed_sparse")
+async def tei_embed_sparse(body: TeiEmbedRequest, request: Request) -> list[list[dict[str, Any]]]:
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    rows = await embed_texts(request, body.model, texts, ("sparse",), body.truncate, None)
+    return [[{"index": k, "value": v} for k, v in sorted((row.sparse or {}).items())] for row in rows]
+
+
+# ---------------------------------------------------------------- rerank
+
+
+@dataclass(frozen=True)
+class Ranked:
+    index: int
+    score: float
+    text: str
+
+
+def _rerank_run(truncate: bool) -> Any:
+    def run(model: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, int, int]]:
+        queries = list(dict.fromkeys(q for q, _ in pairs))
+        query_tokens = dict(zip(queries, model.count_tokens(queries), strict=True))
+        for count in query_tokens.values():
+            if count > model.max_input_tokens:
+                raise InvalidRequest(
+                    f"The query has {count} tokens, over this model's limit of {model.max_input_tokens}",
+                    param="query",
+                )
+        doc_tokens = model.count_tokens([d for _, d in pairs])
+        if not truncate:
+            for position, count in enumerate(doc_tokens):
+                if count + query_tokens[pairs[position][0]] > model.max_input_tokens:
+                    raise InvalidRequest(
+                        f"Document {position} with the query has over {model.max_input_tokens} tokens, this "
+                        "model's limit. Shorten it or send truncate: true.",
+                        param="documents",
+                    )
+        scores = model.score(pairs)
+        return [(s, query_tokens[q], d) for s, (q, _), d in zip(scores, pairs, doc_tokens, strict=True)]
+
+    return run
+
+
+def _to_unit_interval(score: float, logits: bool) -> float:
+    if logits:
+        return 1.0 / (1.0 + math.exp(-score)) if score >= 0 else math.exp(score) / (1.0 + math.exp(score))
+    return max(0.0, min(1.0, (score + 1.0) / 2.0))  # cosine similarity in [-1, 1]
+
+
+async def rerank_core(request: Request, body: RerankRequest) -> tuple[list[Ranked], int]:
+    """Scores every document, sorted best first and cut to top_n/top_k; plus the prompt tokens."""
+    texts = body.document_texts()
+    if not texts:
+        raise InvalidRequest("documents must hold at least one document", param="documents")
+    tier = _resolve(request, body.model, "rerank")
+    if len(texts) > tier.max_documents:
+        raise InvalidRequest(
+            f"{len(texts)} documents sent; this reranker accepts at most {tier.max_documents} "
+            f"({tier.name.upper()}_MAX_DOCUMENTS)",
+            param="documents",
+        )
+    async with request.app.state.manager.lease(tier.name) as worker:
+        pairs = [(body.query, text) for text in texts]
+        future = worker.submit_batch(("rerank", body.truncate), pairs, _rerank_run(body.truncate))
+        rows: list[tuple[float, int, int]] = await asyncio.wrap_future(future)
+        logits = bool(worker.model.scores_are_logits)
+    ranked = [
+        Ranked(i, score if body.raw_scores else _to_unit_interval(score, logits), texts[i])
+        for i, (score, _, _) in enumerate(rows)
+    ]
+    ranked.sort(key=lambda r: r.score, reverse=True)
+    limit = body.limit()
+    tokens = rows[0][1] + sum(d for _, _, d in rows)
+    return (ranked[:limit] if limit is not None else ranked), tokens
+
+
+def rerank_body(body: RerankRequest, ranked: list[Ranked], tokens: int) -> dict[str, Any]:
+    """The seed's `data`, Cohere/Jina/Infinity's `results`, with usage in both spellings."""
+    with_docs = body.return_documents is not False
+    results, data = [], []
+    for r in ranked:
+        result: dict[str, Any] = {"index": r.index, "relevance_score": r.score}
+        seed: dict[str, Any] = {"index": r.index, "score": r.score}
+        if with_docs:
+            result["document"] = {"text": r.text}
+            seed["document"] = r.text
+        results.append(result)
+        data.append(seed)
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return {
+        "id": f"rerank-{uuid.uuid4().hex}",
+        "object": "rerank",
+        "created": int(time.time()),
+        "model": body.model,
+        "results": results,
+        "data": data,
+        "usage": usage,
+        "meta": {"billed_units": {"search_units": 1}, "tokens": {"input_tokens": tokens, "output_tokens": 0}},
+    }
+
+
+@router.post("/rerank")
+async def rerank(body: RerankRequest, request: Request) -> Any:
+    ranked, tokens = await rerank_core(request, body)
+    if body.documents is None and body.texts is not None:  # TEI: a bare list
+        out = []
+        for r in ranked:
+            item: dict[str, Any] = {"index": r.index, "score": r.score}
+            if body.return_text:
+                item["text"] = r.text
+            out.append(item)
+        return out
+    return rerank_body(body, ranked, tokens)
+
+
+@extra_router.post("/v2/rerank")
+async def rerank_v2(body: RerankRequest, request: Request) -> dict[str, Any]:
+    ranked, tokens = await rerank_core(request, body)
+    return rerank_body(body, ranked, tokens)
