@@ -87,8 +87,9 @@ KEYED_FIELDS: dict[str, frozenset[str]] = {
             "best_of",
         }
     ),
-    # The embeddings and rerank schemas of the `rag` branch: per-text keys for embeddings (the input
-    # field is the text, every other field goes into `options`), one key per rerank request.
+    # Embeddings: one entry per input text holding the model's raw output, keyed by the text, the
+    # output types and truncate (routes_rag.embed_texts); dimensions, normalize and encoding_format
+    # are applied to it after the lookup, so they share entries. Rerank: one entry per request.
     "EmbeddingRequest": frozenset(
         {
             "model",
@@ -206,13 +207,6 @@ def normalise_request(body: Any) -> dict[str, Any]:
 def request_key(endpoint: str, config: TierConfig, request: Mapping[str, Any]) -> str:
     """The key of a whole-request entry (chat, completions, rerank)."""
     return digest({"endpoint": endpoint, "tier": config.name, "model": model_identity(config), "request": request})
-
-
-def text_options(body: Any, input_field: str) -> dict[str, Any]:
-    """The per-text key options of an embeddings request: the normalised request minus its input."""
-    options = normalise_request(body)
-    options.pop(input_field, None)
-    return options
 
 
 def text_keys(endpoint: str, config: TierConfig, texts: Sequence[str], options: Mapping[str, Any]) -> list[str]:

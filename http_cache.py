@@ -14,7 +14,8 @@ from typing import Any
 
 from fastapi import Request
 
-from cache import ResponseCache, is_deterministic, normalise_request, request_key
+import request_context
+from cache import ResponseCache, is_deterministic, normalise_request, request_key, text_keys
 from config import TierConfig
 from scheduler import DoneEvent
 
@@ -128,3 +129,59 @@ async def store_jobs(cached: CacheLookup, jobs: Sequence[Any], prompt_tokens: in
     completion_tokens = sum(r.done.completion_tokens for r in jobs if r.done is not None)
     choices = [(r.chunks, r.done.finish_reason if r.done else "stop") for r in jobs]
     await cached.store(choices, prompt_tokens, completion_tokens)
+
+
+# ---------------------------------------------------------------- embeddings and rerank
+
+
+def _enabled(request: Request) -> ResponseCache | None:
+    cache: ResponseCache | None = getattr(request.app.state, "cache", None)
+    return cache if cache is not None and cache.enabled else None
+
+
+async def per_text(
+    request: Request,
+    endpoint: str,
+    tier: TierConfig,
+    texts: Sequence[str],
+    options: dict[str, Any],
+    compute: Callable[[list[str]], Awaitable[Sequence[Any]]],
+) -> tuple[list[Any], dict[str, str]]:
+    """Per-text entries (embeddings): values for `texts` in order, computing only the texts not
+    cached (each distinct text once); `compute` returns JSON-serialisable values. Also the
+    `X-Cache` header: HIT when every text came from the cache."""
+    cache = _enabled(request)
+    if cache is None:
+        return list(await compute(list(texts))), {}
+    keys = text_keys(endpoint, tier, texts, options)
+    directives = cache_directives(request)
+    if directives & {"no-cache", "no-store"}:
+        values, hits = list(await compute(list(texts))), 0
+        if "no-store" not in directives:
+            await cache.put_many(dict(zip(keys, values, strict=True)))
+    else:
+        values, hits = await cache.get_or_compute_many(keys, texts, compute)
+    request_context.note_cache(hits=hits, misses=len(texts) - hits)
+    return values, {"X-Cache": "HIT" if hits == len(texts) else "MISS"}
+
+
+async def whole_request(
+    request: Request, endpoint: str, tier: TierConfig, body: Any, compute: Callable[[], Awaitable[Any]]
+) -> tuple[Any, dict[str, str]]:
+    """One entry per request (rerank, always deterministic): the cached value or `compute()`'s,
+    which must be JSON-serialisable; errors propagate and are never stored."""
+    cache = _enabled(request)
+    if cache is None:
+        return await compute(), {}
+    key = request_key(endpoint, tier, normalise_request(body))
+    directives = cache_directives(request)
+    if not directives & {"no-cache", "no-store"}:
+        hit = await cache.get(key)
+        if hit is not None:
+            request_context.note_cache(hits=1)
+            return hit, {"X-Cache": "HIT"}
+    value = await compute()
+    if "no-store" not in directives:
+        await cache.put(key, value)
+    request_context.note_cache(misses=1)
+    return value, {"X-Cache": "MISS"}

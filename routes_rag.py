@@ -22,6 +22,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+import http_cache
 import router as tier_router
 from config import Settings, TierConfig
 from errors import InvalidRequest
@@ -95,20 +96,56 @@ async def embed_texts(
     truncate: bool,
     dimensions: int | None,
     normalize: bool = True,
-) -> list[Embedded]:
+) -> tuple[list[Embedded], dict[str, str]]:
     """Embed on the tier's owner thread (micro-batched); dense vectors are cut to `dimensions` (the
-    request's, else `EMBEDDING_DIMENSION`) and (re-)normalised unless `normalize` is false."""
+    request's, else `EMBEDDING_DIMENSION`) and (re-)normalised unless `normalize` is false.
+
+    The response cache holds the model's raw output per text (keyed by text, types and truncate):
+    a batch with known texts embeds only the new ones. Also returns the `X-Cache` header."""
     tier = _resolve(request, model, "embedding")
-    async with request.app.state.manager.lease(tier.name) as worker:
-        size = int(worker.model.dimension)
-        want = dimensions if dimensions is not None else tier.embedding_dimension
-        if want is not None and want > size:
-            raise InvalidRequest(
-                f"dimensions is {want} but this model's embeddings have {size} dimensions", param="dimensions"
-            )
-        future = worker.submit_batch(("embed", types, truncate), texts, _embed_run(types, truncate))
-        rows: list[Embedded] = await asyncio.wrap_future(future)
-    return [_cut(row, want, normalize) for row in rows]
+    want = dimensions if dimensions is not None else tier.embedding_dimension
+
+    async def compute(missing: list[str]) -> list[dict[str, Any]]:
+        async with request.app.state.manager.lease(tier.name) as worker:
+            _check_dimensions(want, int(worker.model.dimension))
+            future = worker.submit_batch(("embed", types, truncate), missing, _embed_run(types, truncate))
+            rows: list[Embedded] = await asyncio.wrap_future(future)
+        return [_row_json(row) for row in rows]
+
+    options = {"types": list(types), "truncate": truncate}
+    values, headers = await http_cache.per_text(request, "embeddings", tier, texts, options, compute)
+    rows = [_row_from_json(value) for value in values]
+    for row in rows:
+        if row.dense is not None:
+            _check_dimensions(want, len(row.dense))
+    return [_cut(row, want, normalize) for row in rows], headers
+
+
+def _check_dimensions(want: int | None, size: int) -> None:
+    if want is not None and want > size:
+        raise InvalidRequest(
+            f"dimensions is {want} but this model's embeddings have {size} dimensions", param="dimensions"
+        )
+
+
+def _row_json(row: Embedded) -> dict[str, Any]:
+    """An embedding as plain JSON (what the cache stores; sparse token ids become string keys)."""
+    return {
+        "dense": [float(x) for x in row.dense] if row.dense is not None else None,
+        "sparse": {str(k): float(v) for k, v in row.sparse.items()} if row.sparse is not None else None,
+        "colbert": [[float(x) for x in vec] for vec in row.colbert] if row.colbert is not None else None,
+        "tokens": int(row.tokens),
+    }
+
+
+def _row_from_json(value: dict[str, Any]) -> Embedded:
+    sparse = value["sparse"]
+    return Embedded(
+        value["dense"],
+        {int(k): v for k, v in sparse.items()} if sparse is not None else None,
+        value["colbert"],
+        value["tokens"],
+    )
 
 
 def _unit(vector: Sequence[float]) -> list[float]:
@@ -147,7 +184,7 @@ def _requested_types(body: EmbeddingRequest) -> tuple[str, ...]:
 async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
     texts = input_texts(body.input)
     types = _requested_types(body)
-    rows = await embed_texts(request, body.model, texts, types, body.truncate, body.dimensions)
+    rows, headers = await embed_texts(request, body.model, texts, types, body.truncate, body.dimensions)
     data = []
     for index, row in enumerate(rows):
         item: dict[str, Any] = {
@@ -163,21 +200,24 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
     tokens = sum(row.tokens for row in rows)
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     # Plain JSON types already: a JSONResponse skips FastAPI's per-float jsonable_encoder walk.
-    return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
+    return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage}, headers=headers)
 
 
 @extra_router.post("/embed")
 async def tei_embed(body: TeiEmbedRequest, request: Request) -> JSONResponse:
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    rows = await embed_texts(request, body.model, texts, ("dense",), body.truncate, body.dimensions, body.normalize)
-    return JSONResponse([row.dense or [] for row in rows])
+    rows, headers = await embed_texts(
+        request, body.model, texts, ("dense",), body.truncate, body.dimensions, body.normalize
+    )
+    return JSONResponse([row.dense or [] for row in rows], headers=headers)
 
 
 @extra_router.post("/embed_sparse")
-async def tei_embed_sparse(body: TeiEmbedRequest, request: Request) -> list[list[dict[str, Any]]]:
+async def tei_embed_sparse(body: TeiEmbedRequest, request: Request) -> JSONResponse:
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    rows = await embed_texts(request, body.model, texts, ("sparse",), body.truncate, None)
-    return [[{"index": k, "value": v} for k, v in sorted((row.sparse or {}).items())] for row in rows]
+    rows, headers = await embed_texts(request, body.model, texts, ("sparse",), body.truncate, None)
+    out = [[{"index": k, "value": v} for k, v in sorted((row.sparse or {}).items())] for row in rows]
+    return JSONResponse(out, headers=headers)
 
 
 # ---------------------------------------------------------------- rerank
@@ -221,8 +261,9 @@ def _to_unit_interval(score: float, logits: bool) -> float:
     return max(0.0, min(1.0, (score + 1.0) / 2.0))  # cosine similarity in [-1, 1]
 
 
-async def rerank_core(request: Request, body: RerankRequest) -> tuple[list[Ranked], int]:
-    """Scores every document, sorted best first and cut to top_n/top_k; plus the prompt tokens."""
+async def rerank_core(request: Request, body: RerankRequest) -> tuple[list[Ranked], int, dict[str, str]]:
+    """Scores every document, sorted best first and cut to top_n/top_k; plus the prompt tokens and
+    the `X-Cache` header (one cache entry per request)."""
     texts = body.document_texts()
     if not texts:
         raise InvalidRequest("documents must hold at least one document", param="documents")
@@ -233,19 +274,21 @@ async def rerank_core(request: Request, body: RerankRequest) -> tuple[list[Ranke
             f"({tier.name.upper()}_MAX_DOCUMENTS)",
             param="documents",
         )
-    async with request.app.state.manager.lease(tier.name) as worker:
-        pairs = [(body.query, text) for text in texts]
-        future = worker.submit_batch(("rerank", body.truncate), pairs, _rerank_run(body.truncate))
-        rows: list[tuple[float, int, int]] = await asyncio.wrap_future(future)
-        logits = bool(worker.model.scores_are_logits)
-    ranked = [
-        Ranked(i, score if body.raw_scores else _to_unit_interval(score, logits), texts[i])
-        for i, (score, _, _) in enumerate(rows)
-    ]
+
+    async def compute() -> dict[str, Any]:
+        async with request.app.state.manager.lease(tier.name) as worker:
+            pairs = [(body.query, text) for text in texts]
+            future = worker.submit_batch(("rerank", body.truncate), pairs, _rerank_run(body.truncate))
+            rows: list[tuple[float, int, int]] = await asyncio.wrap_future(future)
+            logits = bool(worker.model.scores_are_logits)
+        scores = [float(score if body.raw_scores else _to_unit_interval(score, logits)) for score, _, _ in rows]
+        return {"scores": scores, "tokens": int(rows[0][1] + sum(d for _, _, d in rows))}
+
+    result, headers = await http_cache.whole_request(request, "rerank", tier, body, compute)
+    ranked = [Ranked(i, score, texts[i]) for i, score in enumerate(result["scores"])]
     ranked.sort(key=lambda r: r.score, reverse=True)
     limit = body.limit()
-    tokens = rows[0][1] + sum(d for _, _, d in rows)
-    return (ranked[:limit] if limit is not None else ranked), tokens
+    return (ranked[:limit] if limit is not None else ranked), result["tokens"], headers
 
 
 def rerank_body(body: RerankRequest, ranked: list[Ranked], tokens: int) -> dict[str, Any]:
@@ -274,8 +317,8 @@ def rerank_body(body: RerankRequest, ranked: list[Ranked], tokens: int) -> dict[
 
 
 @router.post("/rerank")
-async def rerank(body: RerankRequest, request: Request) -> Any:
-    ranked, tokens = await rerank_core(request, body)
+async def rerank(body: RerankRequest, request: Request) -> JSONResponse:
+    ranked, tokens, headers = await rerank_core(request, body)
     if body.documents is None and body.texts is not None:  # TEI: a bare list
         out = []
         for r in ranked:
@@ -283,11 +326,11 @@ async def rerank(body: RerankRequest, request: Request) -> Any:
             if body.return_text:
                 item["text"] = r.text
             out.append(item)
-        return out
-    return rerank_body(body, ranked, tokens)
+        return JSONResponse(out, headers=headers)
+    return JSONResponse(rerank_body(body, ranked, tokens), headers=headers)
 
 
 @extra_router.post("/v2/rerank")
-async def rerank_v2(body: RerankRequest, request: Request) -> dict[str, Any]:
-    ranked, tokens = await rerank_core(request, body)
-    return rerank_body(body, ranked, tokens)
+async def rerank_v2(body: RerankRequest, request: Request) -> JSONResponse:
+    ranked, tokens, headers = await rerank_core(request, body)
+    return JSONResponse(rerank_body(body, ranked, tokens), headers=headers)

@@ -127,19 +127,6 @@ def test_only_explicitly_deterministic_requests_are_cacheable() -> None:
     assert is_deterministic(parse(temperature=0.9, seed=1))
 
 
-def test_text_options_leave_out_the_input_and_the_ignored_fields() -> None:
-    from pydantic import BaseModel
-
-    class EmbeddingRequest(BaseModel):  # the shape of the rag branch's schema
-        model: str
-        input: list[str]
-        dimensions: int | None = None
-        user: str | None = None
-
-    body = EmbeddingRequest(model="embedding", input=["a", "b"], dimensions=8, user="u")
-    assert cache_mod.text_options(body, "input") == {"model": "embedding", "dimensions": 8}
-
-
 def test_text_keys_are_per_text_and_depend_on_options(tmp_path: Path) -> None:
     tier = settings(tmp_path).tiers["light"]
     a, b, a2 = text_keys("embeddings", tier, ["a", "b", "a"], {"dimensions": None})
