@@ -22,6 +22,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+import request_context
 import router as tier_router
 from config import Settings, TierConfig
 from errors import InvalidRequest
@@ -46,7 +47,9 @@ class Embedded:
 
 def _resolve(request: Request, model: str, kind: str) -> TierConfig:
     settings: Settings = request.app.state.settings
-    return settings.tiers[tier_router.resolve(model, kind, settings).tier]
+    tier = tier_router.resolve(model, kind, settings).tier
+    request_context.note_tier(tier)  # metrics and the access log are per tier
+    return settings.tiers[tier]
 
 
 @functools.cache
