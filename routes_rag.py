@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 import http_cache
+import request_context
 import router as tier_router
 from config import Settings, TierConfig
 from errors import InvalidRequest
@@ -47,7 +48,9 @@ class Embedded:
 
 def _resolve(request: Request, model: str, kind: str) -> TierConfig:
     settings: Settings = request.app.state.settings
-    return settings.tiers[tier_router.resolve(model, kind, settings).tier]
+    tier = tier_router.resolve(model, kind, settings).tier
+    request_context.note_tier(tier)  # metrics and the access log are per tier
+    return settings.tiers[tier]
 
 
 @functools.cache

@@ -63,6 +63,7 @@ def call_schema(plan: ToolPlan) -> dict[str, Any]:
             "type": "object",
             "properties": {"name": {"const": tool["name"]}, "arguments": tool.get("parameters") or {"type": "object"}},
             "required": ["name", "arguments"],
+            "additionalProperties": False,
         }
         for tool in plan.tools
     ]
@@ -78,6 +79,7 @@ def call_schema(plan: ToolPlan) -> dict[str, Any]:
             }
         },
         "required": ["tool_calls"],
+        "additionalProperties": False,
     }
 
 

@@ -28,8 +28,9 @@ class FakeChat:
     Prompts containing "BOOM" fail after three tokens (an error in mid-stream); prompts containing
     "ENDLESS" never stop on their own (for max_tokens and cancellation tests). A prompt containing
     "HOLD:<path>" makes every step wait until that file exists (tests in another process release it);
-    `step_gate` does the same from a test in this process. A held step gives up when every active
-    sequence has been cancelled, as a real decode step would end.
+    `hold_gate` does the same from a test in this process. A held step gives up when every active
+    sequence has been cancelled, as a real decode step would end. (`step_gate` is different: each
+    step waits for it at most 10 s, then proceeds.)
     """
 
     def __init__(self, tier: TierConfig, context_length: int = 2048, max_parallel: int = 2) -> None:
@@ -40,6 +41,7 @@ class FakeChat:
         self.removed: list[GenerationJob] = []
         self.active: dict[int, tuple[GenerationJob, str, int]] = {}
         self.step_gate: threading.Event | None = None  # when set by a test, each step waits for it
+        self.hold_gate: threading.Event | None = None  # steps block until it is set (or all are cancelled)
         self.closed = False
         self.holds: dict[int, str] = {}  # job id -> file that must exist before the job advances
 
@@ -68,11 +70,13 @@ class FakeChat:
         self.active[id(job)] = (job, reply, 0)
 
     def _held(self) -> bool:
-        if self.step_gate is not None and not self.step_gate.is_set():
+        if self.hold_gate is not None and not self.hold_gate.is_set():
             return True
         return any(not os.path.exists(path) for key, path in self.holds.items() if key in self.active)
 
     def step(self) -> list[StepOutput]:
+        if self.step_gate is not None:
+            self.step_gate.wait(10)
         give_up = time.monotonic() + 60  # a forgotten gate must not hang the suite
         while self._held() and time.monotonic() < give_up:
             if all(job.cancelled.is_set() for job, _, _ in self.active.values()):

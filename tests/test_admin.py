@@ -82,7 +82,7 @@ def test_unload_refuses_while_busy_and_force_cancels_the_stream(fake_registry: F
     app = create_app(load_settings(FAKE_ENV), factories=fake_registry.factories())
     with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=30) as http:
         assert http.post("/admin/tiers/light/load").status_code == 200
-        fake_registry.models["light"].step_gate = threading.Event()  # every decode step blocks
+        fake_registry.models["light"].hold_gate = threading.Event()  # every decode step blocks
         stream = StreamReader(f"{live.url}/v1/chat/completions", {**CHAT, "temperature": 0.5})
         assert stream.started.wait(15)
         busy = http.post("/admin/tiers/light/unload")

@@ -24,7 +24,7 @@ def m3_api(tiny_bge_m3: Path) -> Iterator[TestClient]:
     env = {"LIGHT_MODEL_PATH": "", "EMBEDDING_MODEL_PATH": str(tiny_bge_m3), "ENABLE_CACHE": "false"}
     settings = load_settings(env)
     assert settings.tiers["embedding"].backend == "bge_m3"  # inferred from colbert_linear.pt/sparse_linear.pt
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with TestClient(create_app(settings), raise_server_exceptions=False, base_url="http://localhost") as client:
         yield client
 
 

@@ -20,7 +20,9 @@ ENV = {"LIGHT_MODEL_PATH": "", "ENABLE_CACHE": "false", "EMBEDDING_N_THREADS": "
 
 @pytest.fixture(scope="module")
 def api() -> Iterator[TestClient]:
-    with TestClient(create_app(load_settings(ENV)), raise_server_exceptions=False) as client:
+    with TestClient(
+        create_app(load_settings(ENV)), raise_server_exceptions=False, base_url="http://localhost"
+    ) as client:
         yield client
 
 
@@ -80,7 +82,9 @@ def test_dimensions_larger_than_the_model_is_a_400(api: TestClient) -> None:
 
 
 def test_embedding_dimension_setting_applies_by_default() -> None:
-    with TestClient(create_app(load_settings({**ENV, "EMBEDDING_EMBEDDING_DIMENSION": "128"}))) as client:
+    with TestClient(
+        create_app(load_settings({**ENV, "EMBEDDING_EMBEDDING_DIMENSION": "128"})), base_url="http://localhost"
+    ) as client:
         v = vectors(embed(client, ["one", "two"]))
     assert v.shape == (2, 128)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)

@@ -24,7 +24,7 @@ def test_gguf_embeddings_match_sentence_transformers(minilm_gguf: Path, minilm_p
     env = {"LIGHT_MODEL_PATH": "", "EMBEDDING_MODEL_PATH": str(minilm_gguf), "EMBEDDING_N_THREADS": "2"}
     settings = load_settings(env)
     assert settings.tiers["embedding"].backend == "llamacpp"
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with TestClient(create_app(settings), raise_server_exceptions=False, base_url="http://localhost") as client:
         response = client.post("/v1/embeddings", json={"model": "embedding", "input": TEXTS})
         assert response.status_code == 200, response.text
         body = response.json()

@@ -24,7 +24,9 @@ DOCS = ["Bananas are yellow and sweet.", "Paris is the capital of France.", "Ber
 
 @pytest.fixture(scope="module")
 def api() -> Iterator[TestClient]:
-    with TestClient(create_app(load_settings(ENV)), raise_server_exceptions=False) as client:
+    with TestClient(
+        create_app(load_settings(ENV)), raise_server_exceptions=False, base_url="http://localhost"
+    ) as client:
         yield client
 
 
@@ -154,7 +156,7 @@ def test_cross_encoder_tier_through_the_api(tiny_cross_encoder: Path) -> None:
     settings = load_settings(env)
     assert settings.tiers["reranker"].backend == "cross_encoder"
     docs = [p[1] for p in PAIRS[:2]]
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://localhost") as client:
         body = post(client, "/v1/rerank", {"query": PAIRS[0][0], "documents": docs})
         raw = post(client, "/v1/rerank", {"query": PAIRS[0][0], "documents": docs, "raw_scores": True})
     logits = hf_logits(tiny_cross_encoder, PAIRS[:2])
