@@ -28,6 +28,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     json_schema: str | None = None  # canonical JSON schema the output must follow (structured_output.py)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); -100 bans a token, +100 forces it
 
 
 @dataclass

@@ -27,7 +27,7 @@ import chat_templates
 import structured_output
 from backends import GenerationJob, SamplingParams, StepOutput
 from config import TierConfig
-from errors import BackendError
+from errors import BackendError, InvalidRequest
 
 log = logging.getLogger("llmservice.llamacpp")
 _backend_lock = threading.Lock()
@@ -184,8 +184,15 @@ class LlamaCppChat:
 
     def _make_sampler(self, params: SamplingParams) -> Any:
         lib = self._lib
+        if any(not 0 <= token < self._n_vocab for token, _ in params.logit_bias):
+            raise InvalidRequest(
+                f"logit_bias names a token outside the vocabulary (0..{self._n_vocab - 1})", param="logit_bias"
+            )
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lambda sampler: lib.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if params.logit_bias:
+            biases = (lib.llama_logit_bias * len(params.logit_bias))(*params.logit_bias)
+            add(lib.llama_sampler_init_logit_bias(self._n_vocab, len(params.logit_bias), biases))
         if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
             add(
                 lib.llama_sampler_init_penalties(
@@ -210,22 +217,23 @@ class LlamaCppChat:
         free = [slot for slot in self._slots if not slot.busy]
         if not free:
             raise BackendError("no free sequence slot")
+        matcher = self._make_matcher(job.params)  # both may refuse the request: before any KV change
+        sampler = self._make_sampler(job.params)
         prompt = job.prompt_tokens
         slot = max(free, key=lambda s: common_prefix(s.cached, prompt))
         reuse = min(common_prefix(slot.cached, prompt), len(prompt) - 1)  # the last prompt token gives logits
         if reuse <= 0 or not self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1):
             self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             reuse = 0
-        matcher = self._make_matcher(job.params)
         slot.cached = list(prompt[:reuse])
         slot.busy = True
         state = _Sequence(
-            matcher=matcher,
             job=job,
             slot=slot,
             pending=list(prompt[reuse:]),
-            sampler=self._make_sampler(job.params),
+            sampler=sampler,
             decoder=codecs.getincrementaldecoder("utf-8")("replace"),
+            matcher=matcher,
             reused_tokens=reuse,
         )
         job.state = state

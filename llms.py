@@ -109,6 +109,7 @@ class MlxChat:
             top_k=params.top_k,
         )
         processors = make_logits_processors(
+            logit_bias=dict(params.logit_bias) or None,
             repetition_penalty=params.repeat_penalty if params.repeat_penalty != 1.0 else None,
             presence_penalty=params.presence_penalty or None,
             frequency_penalty=params.frequency_penalty or None,

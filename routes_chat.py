@@ -97,7 +97,18 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, tier: TierC
         repeat_penalty=repeat,
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
+        logit_bias=parse_logit_bias(body.logit_bias),
     )
+
+
+def parse_logit_bias(raw: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} map, biases clamped to [-100, 100] as OpenAI does."""
+    if not raw:
+        return ()
+    try:
+        return tuple((int(token), max(-100.0, min(100.0, float(bias)))) for token, bias in raw.items())
+    except ValueError:
+        raise InvalidRequest("logit_bias keys must be token ids", param="logit_bias") from None
 
 
 def check_context(prompt_tokens: int, context_length: int) -> int:
@@ -114,8 +125,6 @@ def check_context(prompt_tokens: int, context_length: int) -> int:
 def reject_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
     if body.logprobs:
         raise InvalidRequest("logprobs are not supported by this server", param="logprobs")
-    if body.logit_bias:
-        raise InvalidRequest("logit_bias is not supported by this server", param="logit_bias")
     if body.stream and body.n > 1:
         raise InvalidRequest("n > 1 is supported only without streaming", param="n")
 

@@ -83,6 +83,8 @@ def body_factory(model: str) -> Any:
             "max_tokens": MAX_TOKENS,
             "temperature": 0.7,
             "seed": n,
+            # Gemma's end tokens (<eos>, <end_of_turn>) banned: every request generates exactly MAX_TOKENS.
+            "logit_bias": {"1": -100, "106": -100},
         }
 
     return body_for

@@ -74,6 +74,11 @@ def test_max_tokens_and_its_alias_cut_with_length(client: TestClient) -> None:
     assert data["choices"][0]["message"]["content"] == "echo"
 
 
+def test_logit_bias_reaches_the_sampler_clamped(client: TestClient, fake_registry: FakeRegistry) -> None:
+    assert chat(client, "a", logit_bias={"5": -300, "7": 2.5}).status_code == 200
+    assert fake_registry.models["light"].inserted[-1].params.logit_bias == ((5, -100.0), (7, 2.5))
+
+
 def test_tier_defaults_fill_absent_parameters(client: TestClient, fake_registry: FakeRegistry) -> None:
     chat(client, "a")
     params = fake_registry.models["light"].inserted[-1].params
@@ -230,7 +235,7 @@ def test_malformed_json_is_400(client: TestClient) -> None:
 def test_unsupported_options_are_refused_not_ignored(client: TestClient) -> None:
     assert_error(chat(client, logprobs=True), 400, "invalid_request")
     assert_error(chat(client, n=2, stream=True), 400, "invalid_request")
-    assert_error(chat(client, logit_bias={"1": 5}), 400, "invalid_request")
+    assert_error(chat(client, logit_bias={"not-a-token": 5}), 400, "invalid_request")
     response = client.post("/v1/completions", json={"model": "light", "prompt": "a", "suffix": "b"})
     assert_error(response, 400, "invalid_request")
 

@@ -111,3 +111,15 @@ def test_concurrent_requests_are_batched_and_isolated(real_server: LiveServer) -
     assert results[0]["choices"][0]["text"] == results[1]["choices"][0]["text"]
     assert [r["usage"]["completion_tokens"] for r in results] == [12, 12, 7, 9]
     assert all(r["choices"][0]["finish_reason"] == "length" for r in results)
+
+
+def test_logit_bias_bans_a_token_and_unknown_ids_are_400(real_server: LiveServer) -> None:
+    greedy = complete(real_server, COUNTING, max_tokens=1, temperature=0)["choices"][0]["text"]
+    model = light_model(real_server)
+    banned = model.tokenize(greedy)[-1]
+    biased = complete(real_server, COUNTING, max_tokens=1, temperature=0, logit_bias={str(banned): -100})
+    assert model.tokenize(biased["choices"][0]["text"])[-1] != banned
+    body = {"model": "light", "prompt": COUNTING, "max_tokens": 3, "logit_bias": {"999999999": 5}}
+    response = post(real_server, "/v1/completions", body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "logit_bias"
+    assert complete(real_server, COUNTING, max_tokens=3, temperature=0)["usage"]["completion_tokens"] == 3
