@@ -7,7 +7,7 @@ key (the route puts everything that changes the computation in it: embedding typ
 merging never changes a result. When a merged batch fails, each request is retried alone, so one bad
 input fails only its own request.
 
-The surface is the one `CallWorker` has (`ready`, `submit(fn)`, `shutdown`, `status`) plus
+The surface is `ready`, `submit(fn)`, `shutdown` and `status` (as ChatScheduler has them), plus
 `submit_batch(key, items, run)`.
 """
 

@@ -31,7 +31,7 @@ from backends import Factory
 from config import PACKAGED_GEMMA, Settings, TierConfig
 from errors import Conflict, ModelUnavailable, Overloaded, ServiceError, ShuttingDown
 from microbatch import BatchWorker
-from scheduler import CallWorker, ChatScheduler
+from scheduler import ChatScheduler
 
 log = logging.getLogger("llmservice.models")
 
@@ -91,7 +91,7 @@ class TierRuntime:
     config: TierConfig
     state: str = UNLOADED
     reason: str = ""
-    worker: ChatScheduler | CallWorker | BatchWorker | None = None
+    worker: ChatScheduler | BatchWorker | None = None
     in_flight: int = 0
     last_use: float = 0.0
     load_seconds: float = 0.0
@@ -174,7 +174,7 @@ class ModelManager:
             raise ModelUnavailable(f"The {config.name} tier's backend {config.backend!r} is not available here")
         return factory
 
-    def _start_worker(self, config: TierConfig) -> ChatScheduler | CallWorker | BatchWorker:
+    def _start_worker(self, config: TierConfig) -> ChatScheduler | BatchWorker:
         factory = self._factory(config)
         loader = lambda: factory(config, self.settings)  # noqa: E731
         if config.kind == "chat":
@@ -267,7 +267,7 @@ class ModelManager:
             return False
         return True
 
-    async def ensure_loaded(self, tier: str) -> ChatScheduler | CallWorker | BatchWorker:
+    async def ensure_loaded(self, tier: str) -> ChatScheduler | BatchWorker:
         rt = self.tiers[tier]
         if rt.state in (UNLOADED, FAILED) and rt.loading is None:
             self.start_loading(tier)
