@@ -7,7 +7,7 @@ key (the route puts everything that changes the computation in it: embedding typ
 merging never changes a result. When a merged batch fails, each request is retried alone, so one bad
 input fails only its own request.
 
-The surface is `ready`, `submit(fn)`, `shutdown` and `status` (as ChatScheduler has them), plus
+The surface is `ready`, `shutdown` and `status` (from OwnerThread, like ChatScheduler), `submit(fn)`, plus
 `submit_batch(key, items, run)`.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from errors import Overloaded
+from scheduler import OwnerThread
 
 log = logging.getLogger("llmservice.microbatch")
 
@@ -38,7 +38,7 @@ class _Work:
     enqueued_at: float
 
 
-class BatchWorker:
+class BatchWorker(OwnerThread):
     """Owns one embedding/rerank model on one thread; merges compatible concurrent requests."""
 
     def __init__(
@@ -51,9 +51,7 @@ class BatchWorker:
         queue_timeout: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.model: Any = None
-        self.ready: Future[None] = Future()
-        self.name = name
+        super().__init__(loader, name, f"model-{name}")
         self.max_queue = max_queue
         self.wait_seconds = max(0.0, wait_ms) / 1000.0
         self.max_batch = max(1, max_batch)
@@ -61,12 +59,8 @@ class BatchWorker:
         self.clock = clock
         self.batches_run = 0  # batches the model ran (status and tests)
         self.largest_batch = 0  # the most requests merged into one batch so far
-        self._loader = loader
         self._pending: collections.deque[_Work] = collections.deque()
-        self._cond = threading.Condition()
-        self._stopping = False
         self._busy = False
-        self._thread = threading.Thread(target=self._run, name=f"model-{name}", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------ any thread
@@ -101,13 +95,6 @@ class BatchWorker:
             self._cond.notify()
         return future
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
     def status(self) -> dict[str, Any]:
         return {
             "active": self.active,
@@ -120,14 +107,7 @@ class BatchWorker:
 
     # ------------------------------------------------------------ owner thread
 
-    def _run(self) -> None:
-        try:
-            self.model = self._loader()
-        except BaseException as exc:  # noqa: BLE001 - reported through the future
-            self._stopping = True
-            self.ready.set_exception(exc)
-            return
-        self.ready.set_result(None)
+    def _serve(self) -> None:
         while True:
             group = self._next_group()
             if group is None:

@@ -60,21 +60,58 @@ def _stop_prefixes(stops: tuple[str, ...]) -> frozenset[str]:
     return frozenset(stop[:i] for stop in stops for i in range(1, len(stop)))
 
 
-class ChatScheduler:
+class OwnerThread:
+    """The one thread that owns a model: it creates the model (so every library call happens on it),
+    reports through `ready`, then runs the subclass's `_serve` loop until `shutdown`.
+
+    MLX streams are thread-local and llama.cpp contexts are not thread-safe, hence one owner each.
+    """
+
+    def __init__(self, loader: Callable[[], Any], name: str, thread_name: str) -> None:
+        self.model: Any = None  # set on the owner thread by the loader
+        self.ready: Future[None] = Future()  # done when the model is loaded (or failed to load)
+        self.name = name
+        self._loader = loader
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._main, name=thread_name, daemon=True)
+
+    def _main(self) -> None:
+        try:
+            self.model = self._loader()
+        except BaseException as exc:  # noqa: BLE001 - reported through the future
+            self._stopping = True
+            self.ready.set_exception(exc)
+            return
+        self.ready.set_result(None)
+        self._serve()
+
+    def _serve(self) -> None:
+        raise NotImplementedError
+
+    def _on_stop(self) -> None:
+        """Called under the lock when shutdown begins (cancel what is running)."""
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._on_stop()
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+
+class ChatScheduler(OwnerThread):
     """Runs one ChatModel on one thread; `submit` may be called from any thread."""
 
+    model: ChatModel
+
     def __init__(self, loader: Callable[[], ChatModel], name: str, max_queue: int, queue_timeout: float) -> None:
-        self.model: ChatModel = None  # type: ignore[assignment]  # set on the owner thread by the loader
-        self.ready: Future[None] = Future()  # done when the model is loaded (or failed to load)
-        self._loader = loader
-        self.name = name
+        super().__init__(loader, name, f"chat-{name}")
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self._pending: collections.deque[_Track] = collections.deque()
         self._active: dict[int, _Track] = {}
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=f"chat-{name}", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------ called from other threads
@@ -106,29 +143,15 @@ class ChatScheduler:
         with self._cond:
             self._cond.notify()
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-            for track in self._pending:
-                track.job.cancelled.set()
-            for track in self._active.values():
-                track.job.cancelled.set()
-            self._cond.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+    def _on_stop(self) -> None:
+        for track in self._pending:
+            track.job.cancelled.set()
+        for track in self._active.values():
+            track.job.cancelled.set()
 
     # ------------------------------------------------------------ owner thread
 
-    def _run(self) -> None:
-        # The model is created on this thread: every call into the library happens here (MLX streams
-        # are thread-local, llama.cpp contexts are not thread-safe).
-        try:
-            self.model = self._loader()
-        except BaseException as exc:  # noqa: BLE001 - reported through the future
-            self._stopping = True
-            self.ready.set_exception(exc)
-            return
-        self.ready.set_result(None)
+    def _serve(self) -> None:
         try:
             while True:
                 if not self._admit():
