@@ -266,22 +266,31 @@ class LlamaCppChat:
         lib = self._lib
         n = 0
         sample_at: list[tuple[int, int]] = []  # (job id, batch index)
-        for key, state in self._sequences.items():
-            if state.pending or state.last_token is None:
+        # One pass in sequence-id order: with one KV stream per sequence, llama.cpp splits a batch whose
+        # sequences are out of order into more micro-batches (measured ~17% slower once prefix reuse had
+        # reassigned slots). Generating sequences always get their token; prefill chunks share the rest
+        # of the batch, so a long prompt never stalls the others.
+        ordered = sorted(self._sequences.items(), key=lambda item: item[1].slot.seq_id)
+        prefill_budget = self._n_batch - sum(1 for _, s in ordered if not s.pending and s.last_token is not None)
+        for key, state in ordered:
+            seq_id = state.slot.seq_id
+            if not state.pending:
+                if state.last_token is None:
+                    continue
+                self._add(n, state.last_token, len(state.slot.cached), seq_id, True)
+                state.slot.cached.append(state.last_token)
+                state.last_token = None
+                sample_at.append((key, n))
+                n += 1
                 continue
-            self._add(n, state.last_token, len(state.slot.cached), state.slot.seq_id, True)
-            state.slot.cached.append(state.last_token)
-            state.last_token = None
-            sample_at.append((key, n))
-            n += 1
-        for key, state in self._sequences.items():
-            if not state.pending or n >= self._n_batch:
+            if prefill_budget <= 0:
                 continue
-            chunk = state.pending[: self._n_batch - n]
+            chunk = state.pending[:prefill_budget]
+            prefill_budget -= len(chunk)
             base = len(state.slot.cached)
             done = len(chunk) == len(state.pending)
             for k, token in enumerate(chunk):
-                self._add(n, token, base + k, state.slot.seq_id, done and k == len(chunk) - 1)
+                self._add(n, token, base + k, seq_id, done and k == len(chunk) - 1)
                 n += 1
             state.slot.cached.extend(chunk)
             state.pending = state.pending[len(chunk) :]
