@@ -99,8 +99,9 @@ def main() -> None:
     body = "\n".join(
         [
             f"{CLIENTS} concurrent clients, one sentence per request, {TEXTS} distinct sentences, all-MiniLM-L6-v2 "
-            f"(the packaged model), 1 torch thread for our server and in-process (our default here), Infinity with its defaults; {args.rounds} alternating rounds, a fresh "
-            "server each; medians. Infinity (`infinity-emb[all]`, torch engine, CPU) runs in its own venv.",
+            "(the packaged model), 1 torch thread for our server and in-process (our default here), "
+            f"Infinity with its defaults; {args.rounds} alternating rounds, a fresh server each; medians. "
+            "Infinity (`infinity-emb[all]`, torch engine, CPU) runs in its own venv.",
             "",
             "| setup | texts/s per round | median |",
             "|---|---|---|",
