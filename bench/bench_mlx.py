@@ -33,27 +33,9 @@ _NUMBERS = itertools.count(1)
 
 
 def build_model(folder: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.model_builders import build_tiny_llama
 
-    from tests.model_builders import build_bpe_tokenizer
-
-    tokenizer = build_bpe_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return build_tiny_llama(folder, hidden=512, layers=8, heads=8, kv_heads=4, context=2048)
 
 
 def body_factory(model: str, eos: int) -> Any:

@@ -37,19 +37,22 @@ def build_bpe_tokenizer(vocab_size: int = 400):  # noqa: ANN201 - returns a PreT
     return fast
 
 
-def build_tiny_llama(folder: Path) -> Path:
+def build_tiny_llama(
+    folder: Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, context: int = 512
+) -> Path:
+    """A random Llama with the small BPE tokenizer, saved as an HF folder (mlx-lm loads it)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_bpe_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2 if hidden <= 64 else hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
