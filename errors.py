@@ -115,7 +115,3 @@ class BackendError(ServiceError):
     status = 500
     type = "server_error"
     code = "backend_error"
-
-
-class Cancelled(Exception):
-    """The client went away; the request's work stops without a response."""

@@ -33,6 +33,7 @@ from streaming import (
     OnComplete,
     RunningJob,
     cancel_on_exit,
+    chunk_maker,
     finish_reason,
     stream_events,
     submit,
@@ -165,33 +166,14 @@ def chat_choice(index: int, text: str, done: DoneEvent | None, plan: tool_callin
 
 
 def _chat_chunk_maker(body: ChatCompletionRequest, include_usage: bool) -> Any:
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-
-    def make_chunk(
-        role: bool = False,
-        text: str | None = None,
-        finish: str | None = None,
-        usage: Any = None,
-        delta: dict[str, Any] | None = None,
+    def choice(
+        role: bool = False, text: str | None = None, finish: str | None = None, delta: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        chunk: dict[str, Any] = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": body.model,
-        }
-        if usage is not None:
-            chunk["choices"] = []
-        else:
-            if delta is None:
-                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-        if include_usage:
-            chunk["usage"] = usage
-        return chunk
+        if delta is None:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-    return make_chunk
+    return chunk_maker("chatcmpl", "chat.completion.chunk", body.model, include_usage, choice)
 
 
 def _chat_stream(
@@ -319,35 +301,12 @@ def _prompt_tokens(model: Any, prompt: Any) -> list[list[int]]:
 
 
 def _completion_chunk_maker(body: CompletionRequest, include_usage: bool) -> Any:
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
     echo_text = body.prompt if body.echo and isinstance(body.prompt, str) else ""
 
-    def make_chunk(
-        role: bool = False, text: str | None = None, finish: str | None = None, usage: Any = None
-    ) -> dict[str, Any]:
-        chunk: dict[str, Any] = {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-        }
-        if usage is not None:
-            chunk["choices"] = []
-        else:
-            chunk["choices"] = [
-                {
-                    "index": 0,
-                    "text": echo_text if role else (text or ""),
-                    "logprobs": None,
-                    "finish_reason": "length" if finish == "length" else ("stop" if finish else None),
-                }
-            ]
-        if include_usage:
-            chunk["usage"] = usage
-        return chunk
+    def choice(role: bool = False, text: str | None = None, finish: str | None = None) -> dict[str, Any]:
+        return {"index": 0, "text": echo_text if role else (text or ""), "logprobs": None, "finish_reason": finish}
 
-    return make_chunk
+    return chunk_maker("cmpl", "text_completion", body.model, include_usage, choice)
 
 
 def _completion_result(

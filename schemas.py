@@ -169,12 +169,6 @@ class CompletionRequest(_SamplingFields):
 # ---------------------------------------------------------------- responses
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,3 +153,21 @@ async def stream_events(
 def finish_reason(done: DoneEvent | None) -> str:
     reason = done.finish_reason if done else "stop"
     return "length" if reason == "length" else "stop"
+
+
+def chunk_maker(
+    id_prefix: str, object_name: str, model: str, include_usage: bool, choice: Callable[..., dict[str, Any]]
+) -> Callable[..., dict[str, Any]]:
+    """Builds the chunks of one stream: one id and `created`, the endpoint's choice shape, and `usage`
+    on every chunk when the client asked for it (null except on the final `choices: []` chunk)."""
+    completion_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def make_chunk(usage: Any = None, **kwargs: Any) -> dict[str, Any]:
+        chunk: dict[str, Any] = {"id": completion_id, "object": object_name, "created": created, "model": model}
+        chunk["choices"] = [] if usage is not None else [choice(**kwargs)]
+        if include_usage:
+            chunk["usage"] = usage
+        return chunk
+
+    return make_chunk

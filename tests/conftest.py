@@ -75,6 +75,15 @@ def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.01) ->
     return bool(predicate())
 
 
+@pytest.fixture
+def processes() -> Iterator[list[Any]]:
+    """Server subprocesses a test starts (tests/processes.py); each is stopped when the test ends."""
+    started: list[Any] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
 # ---------------------------------------------------------------- live servers
 
 

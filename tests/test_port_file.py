@@ -5,22 +5,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from lifecycle import bind_socket, read_port_file, remove_port_file, write_port_file
 from tests.processes import ServerProcess, wait_for
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
-    yield started
-    for process in started:
-        process.stop()
 
 
 def start(processes: list[ServerProcess], workdir: Path, **env: str) -> ServerProcess:
