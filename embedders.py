@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from backends import EmbeddingResult
 from config import Settings, TierConfig
-from errors import ContextLengthExceeded, InvalidRequest, ModelUnavailable
-from llms import resolve_model_path
+from core.errors import ContextLengthExceeded, InvalidRequest, ModelUnavailable
+from core.model_paths import resolve_model_path
+from core.protocols import EmbeddingResult
 
 log = logging.getLogger("llmservice.embedders")
 

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backends import Factory
+from chat.scheduler import ChatScheduler
 from config import PACKAGED_GEMMA, Settings, TierConfig
-from errors import Conflict, ModelUnavailable, Overloaded, ServiceError, ShuttingDown
-from microbatch import BatchWorker
-from scheduler import ChatScheduler
+from core.errors import Conflict, ModelUnavailable, Overloaded, ServiceError, ShuttingDown
+from core.microbatch import BatchWorker
+from core.protocols import Factory
 
 log = logging.getLogger("llmservice.models")
 
@@ -41,12 +41,12 @@ UNLOADED, LOADING, READY, FAILED = "unloaded", "loading", "ready", "failed"
 def default_factories() -> dict[str, Factory]:
     """Backend loaders keyed "kind:backend"; each imports its heavy library only when called."""
     import embedders
-    import llms
     import rerankers
+    from chat import loaders
 
     return {
-        "chat:llamacpp": llms.load_llamacpp_chat,
-        "chat:mlx": llms.load_mlx_chat,
+        "chat:llamacpp": loaders.load_llamacpp_chat,
+        "chat:mlx": loaders.load_mlx_chat,
         **embedders.FACTORIES,
         **rerankers.FACTORIES,
     }
@@ -67,7 +67,7 @@ def estimate_model_bytes(config: TierConfig) -> int:
 
             return sum(p.stat().st_size for p in chunk_paths())
         if path.startswith("package:"):
-            from llms import resolve_model_path
+            from core.model_paths import resolve_model_path
 
             return _tree_bytes(Path(resolve_model_path(path)))
         if not path or path.startswith(("http://", "https://")):

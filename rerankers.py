@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from config import Settings, TierConfig
+from core.errors import ModelUnavailable
+from core.model_paths import resolve_model_path
 from embedders import FACTORIES as EMBEDDER_FACTORIES
 from embedders import open_gguf
-from errors import ModelUnavailable
-from llms import resolve_model_path
 
 log = logging.getLogger("llmservice.rerankers")
 

@@ -19,10 +19,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backends import Factory
 from cache import ResponseCache
 from config import ConfigError, Settings, load_settings, read_environment
-from errors import InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceError
+from core.errors import InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceError
+from core.protocols import Factory
 from model_manager import ModelManager, default_factories
 
 log = logging.getLogger("llmservice")
@@ -120,14 +120,10 @@ class _BodyTooLarge(Exception):
 
 def create_app(settings: Settings, factories: Mapping[str, Factory] | None = None) -> FastAPI:
     """Build the service for `settings`; `factories` replaces the model loaders (tests use fakes)."""
-    import dashboard
-    import metrics
-    import request_context
-    import routes_admin
-    import routes_chat
-    import routes_rag
-    import security
-    from lifecycle import Activity, ActivityTracker
+    from api import admin, chat, dashboard, rag
+    from middleware import request_context, security
+    from ops import metrics
+    from ops.lifecycle import Activity, ActivityTracker
 
     manager = ModelManager(settings, factories if factories is not None else default_factories())
     cache = ResponseCache(settings)
@@ -156,10 +152,10 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
     app.add_middleware(ActivityTracker, activity=app.state.activity)
     request_context.install(app, app.state.metrics)  # outermost: request id, access log, metrics
     for prefix in ("/v1", ""):
-        app.include_router(routes_chat.router, prefix=prefix)
-        app.include_router(routes_rag.router, prefix=prefix)
-    app.include_router(routes_rag.extra_router)
-    app.include_router(routes_admin.router)
+        app.include_router(chat.router, prefix=prefix)
+        app.include_router(rag.router, prefix=prefix)
+    app.include_router(rag.extra_router)
+    app.include_router(admin.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
 
@@ -180,8 +176,8 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
 
 
 def main(argv: list[str] | None = None, factories: Mapping[str, Factory] | None = None) -> int:
-    import lifecycle
-    from request_context import configure_logging
+    from middleware.request_context import configure_logging
+    from ops import lifecycle
 
     try:
         settings = load_settings(read_environment())

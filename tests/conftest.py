@@ -128,7 +128,7 @@ def live_fake_server(fake_registry: FakeRegistry) -> Iterator[LiveServer]:
 @pytest.fixture(scope="session")
 def gemma_path() -> str:
     from config import PACKAGED_GEMMA
-    from llms import resolve_model_path
+    from core.model_paths import resolve_model_path
 
     return resolve_model_path(PACKAGED_GEMMA)
 

@@ -13,8 +13,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from backends import GenerationJob, StepOutput
 from config import Settings, TierConfig
+from core.protocols import GenerationJob, StepOutput
 
 EOS = -1
 _HOLD = re.compile(r"HOLD:([^<\s]+)")

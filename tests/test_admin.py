@@ -110,7 +110,7 @@ def test_cache_stats_and_clear(make_client: Any, fake_registry: FakeRegistry) ->
 
 
 def test_loading_a_broken_tier_is_a_503_envelope(make_client: Any) -> None:
-    from errors import ModelUnavailable
+    from core.errors import ModelUnavailable
 
     class Broken(FakeRegistry):
         def _load_chat(self, tier: Any, settings: Any) -> Any:

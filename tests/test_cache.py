@@ -15,7 +15,8 @@ import diskcache
 import pytest
 
 import cache as cache_mod
-import schemas
+from api import schemas
+from api.schemas import ChatCompletionRequest
 from cache import (
     IGNORED_FIELDS,
     KEYED_FIELDS,
@@ -27,7 +28,6 @@ from cache import (
     unclassified_fields,
 )
 from config import load_settings
-from schemas import ChatCompletionRequest
 from tests.conftest import FAKE_ENV
 from tests.fakes import FakeRegistry
 

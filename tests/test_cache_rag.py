@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from backends import EmbeddingResult
 from config import Settings, TierConfig
+from core.protocols import EmbeddingResult
 from tests.conftest import FAKE_ENV
 from tests.fakes import FakeRegistry
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from config import TierConfig, load_settings
-from errors import ModelUnavailable, Overloaded
+from core.errors import ModelUnavailable, Overloaded
 from model_manager import LOADING, READY, UNLOADED, ModelManager
 from tests.conftest import FAKE_ENV
 from tests.fakes import FakeRegistry

@@ -16,8 +16,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client.parser import text_string_to_metric_families
 
-import request_context
 from config import load_settings
+from middleware import request_context
 from server import create_app
 from tests.conftest import FAKE_ENV, LiveServer
 from tests.fakes import FakeRegistry
@@ -314,7 +314,7 @@ def test_model_memory_of_a_loaded_tier(make_client: Any, tmp_path: Any) -> None:
 
 
 def test_memory_reported_by_the_manager_wins() -> None:
-    from metrics import _memory
+    from ops.metrics import _memory
 
     nested = {"memory": {"estimated_bytes": 2048, "rss_delta_bytes": 1000}}
     assert _memory(nested, "") == (2048.0, "estimate")

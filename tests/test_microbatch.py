@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from errors import InvalidRequest, Overloaded
-from microbatch import BatchWorker
+from core.errors import InvalidRequest, Overloaded
+from core.microbatch import BatchWorker
 
 
 class RecordingModel:
@@ -121,9 +121,9 @@ def test_a_cancelled_request_is_skipped(worker: BatchWorker) -> None:
 
 @pytest.mark.real
 def test_micro_batched_embeddings_equal_unbatched_ones(minilm_path: Any) -> None:
+    from api.rag import _embed_run
     from config import PACKAGED_MINILM, load_settings
     from embedders import load_sentence_transformers
-    from routes_rag import _embed_run
 
     settings = load_settings({"LIGHT_MODEL_PATH": "", "EMBEDDING_N_THREADS": "2"})
     tier = settings.tiers["embedding"]

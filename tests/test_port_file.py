@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from lifecycle import bind_socket, read_port_file, remove_port_file, write_port_file
+from ops.lifecycle import bind_socket, read_port_file, remove_port_file, write_port_file
 from tests.processes import ServerProcess, wait_for
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from config import load_settings
-from errors import ModelNotFound, WrongModelKind
-from router import resolve
+from core.errors import ModelNotFound, WrongModelKind
+from core.routing import resolve
 
 SETTINGS = load_settings(
     {

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from config import ConfigError, load_settings
-from security import host_allowed, host_name, key_matches
+from middleware.security import host_allowed, host_name, key_matches
 from tests.conftest import FAKE_ENV
 
 REPO = Path(__file__).resolve().parent.parent

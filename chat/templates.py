@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from errors import InvalidRequest
+from core.errors import InvalidRequest
 
 GEMMA = """\
 {{- bos_token -}}

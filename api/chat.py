@@ -18,17 +18,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-import http_cache
-import request_context
-import router as tier_router
-import structured_output
-import tool_calling
-from backends import SamplingParams
-from config import Settings, TierConfig
-from errors import ContextLengthExceeded, InvalidRequest, ServiceError
-from scheduler import ChatScheduler, DoneEvent
-from schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from streaming import (
+from api import cache_lookup
+from api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from api.sse import (
     SSE_HEADERS,
     OnComplete,
     RunningJob,
@@ -40,6 +32,13 @@ from streaming import (
     timing_headers,
     usage,
 )
+from chat import structured_output, tools
+from chat.scheduler import ChatScheduler, DoneEvent
+from config import Settings, TierConfig
+from core import routing
+from core.errors import ContextLengthExceeded, InvalidRequest, ServiceError
+from core.protocols import SamplingParams
+from middleware import request_context
 
 log = logging.getLogger("llmservice.chat")
 router = APIRouter()
@@ -95,16 +94,16 @@ def reject_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
 # ---------------------------------------------------------------- helpers for both endpoints
 
 
-def resolve(request: Request, model: str) -> tuple[tier_router.Resolution, TierConfig]:
+def resolve(request: Request, model: str) -> tuple[routing.Resolution, TierConfig]:
     settings: Settings = request.app.state.settings
-    resolution = tier_router.resolve(model, "chat", settings)
+    resolution = routing.resolve(model, "chat", settings)
     request_context.note_tier(resolution.tier)
     if resolution.fallback_from:
         log.info("tier %s is not configured: serving %r with %s", resolution.fallback_from, model, resolution.tier)
     return resolution, settings.tiers[resolution.tier]
 
 
-def tier_headers(resolution: tier_router.Resolution) -> dict[str, str]:
+def tier_headers(resolution: routing.Resolution) -> dict[str, str]:
     headers = {"X-Tier": resolution.tier}
     if resolution.fallback_from:
         headers["X-Tier-Fallback"] = f"{resolution.fallback_from}->{resolution.tier}"
@@ -131,20 +130,20 @@ def message_dicts(body: ChatCompletionRequest) -> list[dict[str, Any]]:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     reject_unsupported(body)
-    plan = tool_calling.plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    plan = tools.plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
     if plan is not None and plan.forced:
-        schema: dict[str, Any] | None = tool_calling.call_schema(plan)
+        schema: dict[str, Any] | None = tools.call_schema(plan)
     else:
         schema = structured_output.schema_from_response_format(body.response_format)
     resolution, tier = resolve(request, body.model)
-    cached = await http_cache.lookup(request, "chat.completions", tier, body)
+    cached = await cache_lookup.lookup(request, "chat.completions", tier, body)
     if cached.hit is not None:
         return _chat_replay(body, resolution, cached, plan)
     stack = contextlib.AsyncExitStack()
     scheduler: ChatScheduler = await stack.enter_async_context(request.app.state.manager.lease(resolution.tier))
     try:
         model = scheduler.model
-        messages = tool_calling.prepare_messages(message_dicts(body), plan)
+        messages = tools.prepare_messages(message_dicts(body), plan)
         prompt_text = await asyncio.to_thread(model.render_chat, messages, None)
         prompt = await asyncio.to_thread(model.tokenize, prompt_text)
         params = sampling_params(body, tier, check_context(len(prompt), model.context_length))
@@ -156,8 +155,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         raise
 
 
-def chat_choice(index: int, text: str, done: DoneEvent | None, plan: tool_calling.ToolPlan | None) -> dict[str, Any]:
-    calls = tool_calling.parse_tool_calls(text, plan) if plan is not None else None
+def chat_choice(index: int, text: str, done: DoneEvent | None, plan: tools.ToolPlan | None) -> dict[str, Any]:
+    calls = tools.parse_tool_calls(text, plan) if plan is not None else None
     if calls:
         message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": calls}
         return {"index": index, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
@@ -181,12 +180,12 @@ def _chat_stream(
     running: Any,
     headers: dict[str, str],
     release: Callable[[], Awaitable[None]],
-    plan: tool_calling.ToolPlan | None,
+    plan: tools.ToolPlan | None,
     on_complete: OnComplete | None = None,
 ) -> StreamingResponse:
     """The SSE response of a live job or of a cache replay (the same shaping either way)."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    shaper = tool_calling.ToolStreamShaper(plan) if plan is not None else None
+    shaper = tools.ToolStreamShaper(plan) if plan is not None else None
     return StreamingResponse(
         stream_events(running, _chat_chunk_maker(body, include_usage), include_usage, release, shaper, on_complete),
         media_type="text/event-stream",
@@ -207,15 +206,15 @@ def _chat_payload(body: ChatCompletionRequest, choices: list[dict[str, Any]], us
 
 def _chat_replay(
     body: ChatCompletionRequest,
-    resolution: tier_router.Resolution,
-    cached: http_cache.CacheLookup,
-    plan: tool_calling.ToolPlan | None,
+    resolution: routing.Resolution,
+    cached: cache_lookup.CacheLookup,
+    plan: tools.ToolPlan | None,
 ) -> Any:
     assert cached.hit is not None
-    runs = http_cache.cached_runs(cached.hit)
+    runs = cache_lookup.cached_runs(cached.hit)
     headers = {**tier_headers(resolution), **cached.headers}
     if body.stream:
-        return _chat_stream(body, runs[0], headers, http_cache.no_release, plan)
+        return _chat_stream(body, runs[0], headers, cache_lookup.no_release, plan)
     choices = [chat_choice(i, "".join(run.pieces), run.done, plan) for i, run in enumerate(runs)]
     counts = cached.hit.get("usage", {})
     usage_ = usage(int(counts.get("prompt_tokens", 0)), int(counts.get("completion_tokens", 0)))
@@ -224,22 +223,22 @@ def _chat_replay(
 
 async def _chat_response(
     body: ChatCompletionRequest,
-    resolution: tier_router.Resolution,
-    cached: http_cache.CacheLookup,
+    resolution: routing.Resolution,
+    cached: cache_lookup.CacheLookup,
     scheduler: ChatScheduler,
     prompt: list[int],
     params: SamplingParams,
     stack: contextlib.AsyncExitStack,
-    plan: tool_calling.ToolPlan | None,
+    plan: tools.ToolPlan | None,
 ) -> Any:
     headers = {**tier_headers(resolution), **cached.headers}
     if body.stream:
         running = submit(scheduler, prompt, params)
-        return _chat_stream(body, running, headers, stack.aclose, plan, http_cache.filler(cached))
+        return _chat_stream(body, running, headers, stack.aclose, plan, cache_lookup.filler(cached))
     jobs = [submit(scheduler, prompt, _seeded(params, i)) for i in range(body.n)]
     async with stack, cancel_on_exit(jobs):
         texts = await asyncio.gather(*(running.collect() for running in jobs))
-    await http_cache.store_jobs(cached, jobs, len(prompt))
+    await cache_lookup.store_jobs(cached, jobs, len(prompt))
     done = [running.done for running in jobs if running.done is not None]
     choices = [
         chat_choice(i, text, running.done, plan) for i, (text, running) in enumerate(zip(texts, jobs, strict=True))
@@ -267,10 +266,10 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     several = isinstance(body.prompt, list) and len(body.prompt) > 1 and isinstance(body.prompt[0], (str, list))
     if body.stream and several:
         raise InvalidRequest("several prompts are supported only without streaming", param="prompt")
-    cached = await http_cache.lookup(request, "completions", tier, body)
+    cached = await cache_lookup.lookup(request, "completions", tier, body)
     if cached.hit is not None:
-        runs = http_cache.cached_runs(cached.hit)
-        return _completion_result(body, resolution, cached, runs, None, http_cache.no_release)
+        runs = cache_lookup.cached_runs(cached.hit)
+        return _completion_result(body, resolution, cached, runs, None, cache_lookup.no_release)
     stack = contextlib.AsyncExitStack()
     scheduler: ChatScheduler = await stack.enter_async_context(request.app.state.manager.lease(resolution.tier))
     try:
@@ -279,15 +278,15 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         params = sampling_params(body, tier, room)
         if body.stream:
             running = submit(scheduler, prompts[0], params)
-            return _completion_result(body, resolution, cached, [running], http_cache.filler(cached), stack.aclose)
+            return _completion_result(body, resolution, cached, [running], cache_lookup.filler(cached), stack.aclose)
         jobs = [submit(scheduler, prompt, _seeded(params, i)) for prompt in prompts for i in range(body.n)]
     except BaseException:
         await stack.aclose()
         raise
     async with stack, cancel_on_exit(jobs):
         await asyncio.gather(*(running.collect() for running in jobs))
-    await http_cache.store_jobs(cached, jobs, sum(len(p) for p in prompts) * body.n)
-    return _completion_result(body, resolution, cached, jobs, None, http_cache.no_release)
+    await cache_lookup.store_jobs(cached, jobs, sum(len(p) for p in prompts) * body.n)
+    return _completion_result(body, resolution, cached, jobs, None, cache_lookup.no_release)
 
 
 def _prompt_tokens(model: Any, prompt: Any) -> list[list[int]]:
@@ -311,8 +310,8 @@ def _completion_chunk_maker(body: CompletionRequest, include_usage: bool) -> Any
 
 def _completion_result(
     body: CompletionRequest,
-    resolution: tier_router.Resolution,
-    cached: http_cache.CacheLookup,
+    resolution: routing.Resolution,
+    cached: cache_lookup.CacheLookup,
     runs: list[Any],
     on_complete: OnComplete | None,
     release: Callable[[], Awaitable[None]],
@@ -376,7 +375,7 @@ async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
     resolution = None
     for kind in ("chat", "embedding", "rerank"):
         try:
-            resolution = tier_router.resolve(model_id, kind, settings)
+            resolution = routing.resolve(model_id, kind, settings)
             break
         except ServiceError as exc:
             if exc.status == 404:

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 log = logging.getLogger("llmservice.dashboard")
-PAGE = Path(__file__).resolve().parent / "static" / "admin.html"
+PAGE = Path(__file__).resolve().parent.parent / "static" / "admin.html"
 FEATURES_MARK = "/*FEATURES*/{}"
 # Routes the page uses when present; the admin and RAG routes come from other modules.
 PROBED = ("/admin/status", "/admin/tiers/{tier}/load", "/admin/tiers/{tier}/unload", "/admin/cache", "/metrics")

@@ -32,7 +32,7 @@ from typing import IO, Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings
-from errors import ShuttingDown
+from core.errors import ShuttingDown
 
 log = logging.getLogger("llmservice.lifecycle")
 PORT_SEARCH = 100  # how many ports above PORT to try when it is taken

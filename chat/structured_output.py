@@ -13,7 +13,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from errors import InvalidRequest
+from core.errors import InvalidRequest
 
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 _COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}

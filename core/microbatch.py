@@ -21,8 +21,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from errors import Overloaded
-from scheduler import OwnerThread
+from core.errors import Overloaded
+from core.owner_thread import OwnerThread
 
 log = logging.getLogger("llmservice.microbatch")
 

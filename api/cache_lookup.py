@@ -14,10 +14,10 @@ from typing import Any
 
 from fastapi import Request
 
-import request_context
 from cache import ResponseCache, is_deterministic, normalise_request, request_key, text_keys
+from chat.scheduler import DoneEvent
 from config import TierConfig
-from scheduler import DoneEvent
+from middleware import request_context
 
 
 def cache_directives(request: Request) -> set[str]:

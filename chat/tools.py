@@ -15,8 +15,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from errors import InvalidRequest
-from structured_output import check_schema
+from chat.structured_output import check_schema
+from core.errors import InvalidRequest
 
 MAX_PARALLEL_CALLS = 8
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings
-from errors import InvalidRequest, ServiceError, Unauthorized
+from core.errors import InvalidRequest, ServiceError, Unauthorized
 
 # Paths served without a key: the health probe, and the dashboard's static page (a browser cannot
 # attach a bearer header to a navigation; the page itself asks for the key and sends it on every call).

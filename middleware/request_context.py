@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from errors import ServiceError
+from core.errors import ServiceError
 
 if TYPE_CHECKING:
-    from metrics import Metrics
+    from ops.metrics import Metrics
 
 access_log = logging.getLogger("llmservice.access")
 log = logging.getLogger("llmservice")

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from config import CHAT_TIERS, TIERS, Settings
-from errors import ModelNotFound, WrongModelKind
+from core.errors import ModelNotFound, WrongModelKind
 
 # Checked in order: reranker names often contain embedding words ("bge-reranker", "cross-encoder/...-MiniLM").
 BUILTIN_PATTERNS: dict[str, tuple[str, ...]] = {

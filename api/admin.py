@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from cache import ResponseCache
-from errors import NotFound
+from core.errors import NotFound
 from model_manager import ModelManager
 
 router = APIRouter(prefix="/admin")

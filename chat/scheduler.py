@@ -10,40 +10,17 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends import ChatModel, GenerationJob, StepOutput
-from errors import BackendError, Overloaded, ServiceError
+from core.errors import BackendError, Overloaded, ServiceError
+from core.events import DoneEvent, ErrorEvent, Sink, TextEvent
+from core.owner_thread import OwnerThread
+from core.protocols import ChatModel, GenerationJob, StepOutput
 
 log = logging.getLogger("llmservice.scheduler")
-
-
-@dataclass(frozen=True)
-class TextEvent:
-    text: str
-
-
-@dataclass(frozen=True)
-class DoneEvent:
-    finish_reason: str  # "stop" | "length" | "cancelled"
-    prompt_tokens: int
-    completion_tokens: int
-    queue_seconds: float
-    compute_seconds: float
-
-
-@dataclass(frozen=True)
-class ErrorEvent:
-    error: ServiceError
-
-
-Event = TextEvent | DoneEvent | ErrorEvent
-Sink = Callable[[Event], None]
 
 
 @dataclass
@@ -58,47 +35,6 @@ class _Track:
 
 def _stop_prefixes(stops: tuple[str, ...]) -> frozenset[str]:
     return frozenset(stop[:i] for stop in stops for i in range(1, len(stop)))
-
-
-class OwnerThread:
-    """The one thread that owns a model: it creates the model (so every library call happens on it),
-    reports through `ready`, then runs the subclass's `_serve` loop until `shutdown`.
-
-    MLX streams are thread-local and llama.cpp contexts are not thread-safe, hence one owner each.
-    """
-
-    def __init__(self, loader: Callable[[], Any], name: str, thread_name: str) -> None:
-        self.model: Any = None  # set on the owner thread by the loader
-        self.ready: Future[None] = Future()  # done when the model is loaded (or failed to load)
-        self.name = name
-        self._loader = loader
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._main, name=thread_name, daemon=True)
-
-    def _main(self) -> None:
-        try:
-            self.model = self._loader()
-        except BaseException as exc:  # noqa: BLE001 - reported through the future
-            self._stopping = True
-            self.ready.set_exception(exc)
-            return
-        self.ready.set_result(None)
-        self._serve()
-
-    def _serve(self) -> None:
-        raise NotImplementedError
-
-    def _on_stop(self) -> None:
-        """Called under the lock when shutdown begins (cancel what is running)."""
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._on_stop()
-            self._cond.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
 
 
 class ChatScheduler(OwnerThread):

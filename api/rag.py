@@ -22,12 +22,12 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-import http_cache
-import request_context
-import router as tier_router
+from api import cache_lookup
+from api.schemas import EmbeddingRequest, RerankRequest, TeiEmbedRequest
 from config import Settings, TierConfig
-from errors import InvalidRequest
-from schemas import EmbeddingRequest, RerankRequest, TeiEmbedRequest
+from core import routing
+from core.errors import InvalidRequest
+from middleware import request_context
 
 router = APIRouter()  # mounted under "/v1" and ""
 extra_router = APIRouter()  # TEI and Cohere v2 paths, mounted once at the root
@@ -48,7 +48,7 @@ class Embedded:
 
 def _resolve(request: Request, model: str, kind: str) -> TierConfig:
     settings: Settings = request.app.state.settings
-    tier = tier_router.resolve(model, kind, settings).tier
+    tier = routing.resolve(model, kind, settings).tier
     request_context.note_tier(tier)  # metrics and the access log are per tier
     return settings.tiers[tier]
 
@@ -116,7 +116,7 @@ async def embed_texts(
         return [_row_json(row) for row in rows]
 
     options = {"types": list(types), "truncate": truncate}
-    values, headers = await http_cache.per_text(request, "embeddings", tier, texts, options, compute)
+    values, headers = await cache_lookup.per_text(request, "embeddings", tier, texts, options, compute)
     rows = [_row_from_json(value) for value in values]
     for row in rows:
         if row.dense is not None:
@@ -287,7 +287,7 @@ async def rerank_core(request: Request, body: RerankRequest) -> tuple[list[Ranke
         scores = [float(score if body.raw_scores else _to_unit_interval(score, logits)) for score, _, _ in rows]
         return {"scores": scores, "tokens": int(rows[0][1] + sum(d for _, _, d in rows))}
 
-    result, headers = await http_cache.whole_request(request, "rerank", tier, body, compute)
+    result, headers = await cache_lookup.whole_request(request, "rerank", tier, body, compute)
     ranked = [Ranked(i, score, texts[i]) for i, score in enumerate(result["scores"])]
     ranked.sort(key=lambda r: r.score, reverse=True)
     limit = body.limit()

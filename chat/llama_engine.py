@@ -23,11 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import chat_templates
-import structured_output
-from backends import GenerationJob, SamplingParams, StepOutput
+from chat import structured_output, templates
 from config import TierConfig
-from errors import BackendError, InvalidRequest
+from core.errors import BackendError, InvalidRequest
+from core.protocols import GenerationJob, SamplingParams, StepOutput
 
 log = logging.getLogger("llmservice.llamacpp")
 PENALTY_WINDOW = 64  # tokens of history the repetition penalties look at
@@ -117,7 +116,7 @@ class LlamaCppChat:
         self._lltokenizer: Any = None
         metadata = self._model.metadata()
         self.architecture = metadata.get("general.architecture", "")
-        self._template = chat_templates.select_template(
+        self._template = templates.select_template(
             tier.chat_template, tier.chat_format, metadata.get("tokenizer.chat_template"), self.architecture
         )
         self._bos_text = self._token_text(self._model.token_bos()) if self._model.add_bos_token() else ""
@@ -144,7 +143,7 @@ class LlamaCppChat:
         return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None) -> str:
-        return chat_templates.render(
+        return templates.render(
             self._template, messages, bos_token=self._bos_text, eos_token=self._eos_text, tools=tools
         )
 

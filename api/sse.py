@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import request_context
-from backends import GenerationJob, SamplingParams
-from errors import RequestCancelled, ServiceError
-from scheduler import ChatScheduler, DoneEvent, ErrorEvent, Event, TextEvent
+from chat.scheduler import ChatScheduler, DoneEvent, ErrorEvent, Event, TextEvent
+from core.errors import RequestCancelled, ServiceError
+from core.protocols import GenerationJob, SamplingParams
+from middleware import request_context
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
