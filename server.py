@@ -121,6 +121,7 @@ class _BodyTooLarge(Exception):
 def create_app(settings: Settings, factories: Mapping[str, Factory] | None = None) -> FastAPI:
     """Build the service for `settings`; `factories` replaces the model loaders (tests use fakes)."""
     from api import admin, chat, dashboard, rag
+    from api.state import AppState
     from middleware import request_context, security
     from ops import metrics
     from ops.lifecycle import Activity, ActivityTracker
@@ -145,6 +146,7 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
     app.state.activity = Activity()
     app.state.started = time.time()
     app.state.metrics = metrics.Metrics(manager)
+    app.state.llm = AppState(settings, manager, cache, app.state.activity, app.state.metrics, started=app.state.started)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     security.install(app, settings)  # auth, CORS, Host allowlist (outside the body limit)
