@@ -29,7 +29,7 @@ import cachetools
 from diskcache import UNKNOWN, Cache, Disk
 from diskcache.core import MODE_BINARY, MODE_RAW
 
-from config import Settings, TierConfig
+from config import TIER_KEYS, Settings, TierConfig
 
 log = logging.getLogger("llmservice.cache")
 T = TypeVar("T")
@@ -119,26 +119,11 @@ KEYED_FIELDS: dict[str, frozenset[str]] = {
     ),
 }
 
-# Tier settings that cannot change an answer (scheduling, memory mapping, names); all others are
-# part of the model identity, since they fill in what a request leaves out.
-_OPERATIONAL_TIER_FIELDS = frozenset(
-    {
-        "aliases",
-        "patterns",
-        "ttl",
-        "parallel",
-        "max_queue",
-        "queue_timeout",
-        "preload",
-        "api_key",
-        "use_mmap",
-        "use_mlock",
-        "n_threads",
-        "max_documents",
-        "batch_wait_ms",
-        "max_batch",
-    }
-)
+# Tier settings that cannot change an answer (scheduling, memory mapping, names), as config's table
+# flags them; all others are part of the model identity, since they fill in what a request leaves out.
+_OPERATIONAL_TIER_FIELDS = frozenset(key.name for key in TIER_KEYS if not key.cache_key)
+# TierConfig fields outside the table: the tier's own name, keyed.
+_TIER_IDENTITY_FIELDS = frozenset({"name"})
 
 
 class UnsafeEntry(ValueError):
@@ -197,6 +182,12 @@ def unclassified_fields(schema: type[Any]) -> set[str]:
     """Fields of a request schema that are neither keyed nor ignored (must be empty: see the tests)."""
     keyed = KEYED_FIELDS.get(schema.__name__, frozenset())
     return set(schema.model_fields) - keyed - IGNORED_FIELDS
+
+
+def unclassified_tier_fields(config_type: type[TierConfig] = TierConfig) -> set[str]:
+    """`TierConfig` fields that config's table does not flag as keyed or not (must be empty: see the tests)."""
+    classified = {key.name for key in TIER_KEYS} | _TIER_IDENTITY_FIELDS
+    return {f.name for f in dataclasses.fields(config_type)} - classified
 
 
 def normalise_request(body: Any) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Settings: one pure function turns an environment mapping into frozen dataclasses.
 
 `load_settings(env)` never reads `os.environ` itself; `main()` merges the real environment over `.env`
-and passes the result in, so tests build settings from plain dicts.
+and passes the result in, so tests build settings from plain dicts. Every key is written once, in
+`SERVER_KEYS` or `TIER_KEYS` (name, type, default, bounds, meaning, response-cache flag); the dataclasses'
+defaults and `load_settings` both come from there.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 CHAT_TIERS = ("light", "medium", "heavy")
 TIERS = (*CHAT_TIERS, "embedding", "reranker")
@@ -46,38 +49,159 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the variable and the value."""
 
 
+# ---------------------------------------------------------------- the table of keys
+
+# How a key's text is read: "lower" lowercases, "path" expands ~, "opt_int" is None when unset, "list" splits on commas.
+Kind = Literal["str", "lower", "path", "int", "opt_int", "float", "bool", "list"]
+Value = str | int | float | bool | tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class Key:
+    """A server key: the `Settings` field `name`, read from the variable `NAME` (one name in .env and code)."""
+
+    name: str
+    kind: Kind
+    default: Value
+    meaning: str  # one line; .env.example says more
+    minimum: float | None = None
+    maximum: float | None = None
+    blank_is_default: bool = False  # text kinds keep an empty value as ""; numbers, booleans and lists never do
+
+    @property
+    def env(self) -> str:
+        return self.name.upper()
+
+    def default_for(self, tier: str | None) -> Value:
+        return self.default
+
+
+@dataclass(frozen=True)
+class TierKey(Key):
+    """A per-tier key: the `TierConfig` field `name`, read from `{TIER}_NAME`."""
+
+    cache_key: bool = field(kw_only=True)  # True: it can change an answer, so the response-cache key holds it
+    per_tier: Mapping[str, Value] = field(default_factory=dict, kw_only=True)  # tier -> default where it differs
+
+    def env_name(self, tier: str) -> str:
+        return f"{tier.upper()}_{self.env}"
+
+    def default_for(self, tier: str | None) -> Value:
+        return self.per_tier.get(tier, self.default) if tier else self.default
+
+
+_SMALL_CTX = {"embedding": 512, "reranker": 512}
+
+# In `TierConfig` field order. `default` is a chat tier's (and the dataclass default); `per_tier` overrides it.
+TIER_KEYS: tuple[TierKey, ...] = (
+    TierKey(
+        "model_path",
+        "str",
+        "",
+        "a .gguf file, a model folder or an http(s):// upstream; empty = tier off",
+        per_tier={"light": PACKAGED_GEMMA, "embedding": PACKAGED_MINILM},
+        cache_key=True,
+    ),
+    TierKey("backend", "lower", "", "the tier's backend; inferred from the model path when empty", cache_key=True),
+    TierKey("n_ctx", "int", 4096, "context tokens per sequence", minimum=16, per_tier=_SMALL_CTX, cache_key=True),
+    TierKey("n_batch", "int", 512, "tokens per llama.cpp decode call", minimum=1, cache_key=True),
+    TierKey("n_threads", "opt_int", None, "CPU threads; empty = all cores", minimum=1, cache_key=False),
+    TierKey("n_gpu_layers", "int", 0, "layers offloaded to a GPU; -1 = all", minimum=-1, cache_key=True),
+    TierKey("temperature", "float", 0.7, "default temperature", minimum=0.0, maximum=2.0, cache_key=True),
+    TierKey("top_p", "float", 0.95, "default nucleus sampling", minimum=0.0, maximum=1.0, cache_key=True),
+    TierKey("top_k", "int", 40, "default top-k sampling; 0 = off", minimum=0, cache_key=True),
+    TierKey("max_tokens", "int", 512, "default completion length", minimum=1, cache_key=True),
+    TierKey("repeat_penalty", "float", 1.1, "default repetition penalty", minimum=0.0, cache_key=True),
+    TierKey("use_mmap", "bool", True, "memory-map the model file", cache_key=False),
+    TierKey("use_mlock", "bool", False, "lock the model in RAM", cache_key=False),
+    TierKey(
+        "embedding_mode",
+        "bool",
+        False,
+        "llama.cpp: load the GGUF as an embedding model",
+        per_tier={"embedding": True},
+        cache_key=True,
+    ),
+    TierKey("embedding_dimension", "opt_int", None, "truncate embeddings to this size", minimum=1, cache_key=True),
+    TierKey("aliases", "list", (), "more names for this tier (comma-separated)", cache_key=False),
+    TierKey("patterns", "list", (), "glob patterns of names for this tier", cache_key=False),
+    TierKey("ttl", "float", 0.0, "idle seconds before unloading; 0 = never", minimum=0.0, cache_key=False),
+    TierKey("parallel", "int", 4, "concurrent sequences of a chat tier", minimum=1, cache_key=False),
+    TierKey("max_queue", "int", 64, "waiting requests before 503", minimum=0, cache_key=False),
+    TierKey("queue_timeout", "float", 60.0, "seconds a request may wait for a slot", minimum=0.0, cache_key=False),
+    TierKey("preload", "bool", False, "load at start-up instead of on first use", cache_key=False),
+    TierKey("base_url", "str", "", "remote upstream (OpenAI-compatible)", cache_key=True),
+    TierKey("api_key", "str", "", "bearer key for the remote upstream", cache_key=False),
+    TierKey("chat_format", "lower", "", "a built-in template (gemma, chatml, llama3, ...)", cache_key=True),
+    TierKey("chat_template", "str", "", "a Jinja template, inline or a file path", cache_key=True),
+    TierKey("max_documents", "int", 1000, "documents per rerank request", minimum=1, cache_key=False),
+    TierKey("batch_wait_ms", "float", 5.0, "micro-batching: gather requests this long", minimum=0.0, cache_key=False),
+    TierKey("max_batch", "int", 64, "micro-batching: ... or until this many inputs", minimum=1, cache_key=False),
+)
+
+# In `Settings` field order.
+SERVER_KEYS: tuple[Key, ...] = (
+    Key("host", "str", "127.0.0.1", "bind address (beyond loopback needs API_KEYS)", blank_is_default=True),
+    Key("port", "int", 8000, "port; if taken, the next free one; 0 = any", minimum=0),
+    Key("log_level", "lower", "info", "debug | info | warning | error | critical"),
+    Key("shutdown_timeout", "float", 0.0, "inactivity seconds before the process exits; 0 = never", minimum=0.0),
+    Key("drain_timeout", "float", 30.0, "seconds in-flight requests get to finish on exit", minimum=0.0),
+    Key("enable_cache", "bool", True, "the response cache"),
+    Key("cache_max_size", "int", 1000, "entries in memory; 0 = no memory tier", minimum=0),
+    Key("cache_ttl_seconds", "float", 3600.0, "entry lifetime; 0 = no expiry", minimum=0.0),
+    Key("cache_persist_to_disk", "bool", False, "also keep entries on disk, across restarts"),
+    Key("cache_dir", "path", ".cache/llmservice", "the disk cache's folder"),
+    Key("api_keys", "list", (), "comma-separated bearer keys; empty = no auth"),
+    Key("cors_origins", "list", (), "comma-separated CORS origins; empty = CORS off"),
+    Key("allowed_hosts", "list", (), "Host header names accepted besides loopback names"),
+    Key("max_memory_gb", "float", 0.0, "memory budget for loaded models; 0 = no budget", minimum=0.0),
+    Key("strict_tiers", "bool", False, "an unconfigured chat tier is a 404, not a fallback"),
+    Key("port_file", "str", ".port", "where the real port is written", blank_is_default=True),
+    Key("max_body_bytes", "int", 8 * 1024 * 1024, "larger request bodies get 413", minimum=1024),
+)
+
+
+def _tier_default(name: str) -> Any:
+    """A chat tier's default from the table, so the dataclass does not write it a second time."""
+    return next(key.default for key in TIER_KEYS if key.name == name)
+
+
+def _server_default(name: str) -> Any:
+    return next(key.default for key in SERVER_KEYS if key.name == name)
+
+
 @dataclass(frozen=True)
 class TierConfig:
     name: str
     model_path: str
     backend: str
-    n_ctx: int = 4096
-    n_batch: int = 512
-    n_threads: int | None = None
-    n_gpu_layers: int = 0
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    max_tokens: int = 512
-    repeat_penalty: float = 1.1
-    use_mmap: bool = True
-    use_mlock: bool = False
-    embedding_mode: bool = False
-    embedding_dimension: int | None = None
-    aliases: tuple[str, ...] = ()
-    patterns: tuple[str, ...] = ()
-    ttl: float = 0.0  # idle seconds before unloading; 0 = never
-    parallel: int = 4  # concurrent sequences of a chat tier
-    max_queue: int = 64  # waiting requests before 503
-    queue_timeout: float = 60.0  # seconds a request may wait for a slot before 503
-    preload: bool = False
-    base_url: str = ""
-    api_key: str = ""
-    chat_format: str = ""  # a named template (gemma, chatml, llama3, ...) overriding the GGUF's
-    chat_template: str = ""  # a Jinja template (inline or a file path) overriding everything
-    max_documents: int = 1000
-    batch_wait_ms: float = 5.0
-    max_batch: int = 64
+    n_ctx: int = _tier_default("n_ctx")
+    n_batch: int = _tier_default("n_batch")
+    n_threads: int | None = _tier_default("n_threads")
+    n_gpu_layers: int = _tier_default("n_gpu_layers")
+    temperature: float = _tier_default("temperature")
+    top_p: float = _tier_default("top_p")
+    top_k: int = _tier_default("top_k")
+    max_tokens: int = _tier_default("max_tokens")
+    repeat_penalty: float = _tier_default("repeat_penalty")
+    use_mmap: bool = _tier_default("use_mmap")
+    use_mlock: bool = _tier_default("use_mlock")
+    embedding_mode: bool = _tier_default("embedding_mode")
+    embedding_dimension: int | None = _tier_default("embedding_dimension")
+    aliases: tuple[str, ...] = _tier_default("aliases")
+    patterns: tuple[str, ...] = _tier_default("patterns")
+    ttl: float = _tier_default("ttl")
+    parallel: int = _tier_default("parallel")
+    max_queue: int = _tier_default("max_queue")
+    queue_timeout: float = _tier_default("queue_timeout")
+    preload: bool = _tier_default("preload")
+    base_url: str = _tier_default("base_url")
+    api_key: str = _tier_default("api_key")
+    chat_format: str = _tier_default("chat_format")
+    chat_template: str = _tier_default("chat_template")
+    max_documents: int = _tier_default("max_documents")
+    batch_wait_ms: float = _tier_default("batch_wait_ms")
+    max_batch: int = _tier_default("max_batch")
 
     @property
     def kind(self) -> str:
@@ -108,95 +232,87 @@ class TierConfig:
 @dataclass(frozen=True)
 class Settings:
     tiers: Mapping[str, TierConfig] = field(default_factory=dict)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    log_level: str = "info"
-    shutdown_timeout: float = 0.0  # inactivity seconds before the process exits; 0 = never
-    drain_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM/Ctrl-C/idle exit
-    enable_cache: bool = True
-    cache_max_size: int = 1000
-    cache_ttl_seconds: float = 3600.0
-    cache_persist_to_disk: bool = False
-    cache_dir: str = ".cache/llmservice"
-    api_keys: tuple[str, ...] = ()
-    cors_origins: tuple[str, ...] = ()
-    allowed_hosts: tuple[str, ...] = ()
-    max_memory_gb: float = 0.0  # 0 = no budget
-    strict_tiers: bool = False
-    port_file: str = ".port"
-    max_body_bytes: int = 8 * 1024 * 1024
+    host: str = _server_default("host")
+    port: int = _server_default("port")
+    log_level: str = _server_default("log_level")
+    shutdown_timeout: float = _server_default("shutdown_timeout")
+    drain_timeout: float = _server_default("drain_timeout")
+    enable_cache: bool = _server_default("enable_cache")
+    cache_max_size: int = _server_default("cache_max_size")
+    cache_ttl_seconds: float = _server_default("cache_ttl_seconds")
+    cache_persist_to_disk: bool = _server_default("cache_persist_to_disk")
+    cache_dir: str = _server_default("cache_dir")
+    api_keys: tuple[str, ...] = _server_default("api_keys")
+    cors_origins: tuple[str, ...] = _server_default("cors_origins")
+    allowed_hosts: tuple[str, ...] = _server_default("allowed_hosts")
+    max_memory_gb: float = _server_default("max_memory_gb")
+    strict_tiers: bool = _server_default("strict_tiers")
+    port_file: str = _server_default("port_file")
+    max_body_bytes: int = _server_default("max_body_bytes")
 
 
-# ---------------------------------------------------------------- parsing helpers
+# ---------------------------------------------------------------- reading the table
 
 
-def _parse_int(key: str, raw: str, minimum: int | None = None) -> int:
+def _bounded(name: str, raw: str, value: float, key: Key) -> None:
+    if key.minimum is not None and value < key.minimum:
+        raise ConfigError(f"{name} has value {raw!r}: must be >= {key.minimum}")
+    if key.maximum is not None and value > key.maximum:
+        raise ConfigError(f"{name} has value {raw!r}: must be <= {key.maximum}")
+
+
+def _parse_int(key: Key, name: str, raw: str) -> int:
     try:
         value = int(raw.strip())
     except ValueError:
-        raise ConfigError(f"{key} has value {raw!r}: not an integer") from None
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{key} has value {raw!r}: must be >= {minimum}")
+        raise ConfigError(f"{name} has value {raw!r}: not an integer") from None
+    _bounded(name, raw, value, key)
     return value
 
 
-def _parse_float(key: str, raw: str, minimum: float | None = None, maximum: float | None = None) -> float:
+def _parse_float(key: Key, name: str, raw: str) -> float:
     try:
         value = float(raw.strip())
     except ValueError:
-        raise ConfigError(f"{key} has value {raw!r}: not a number") from None
+        raise ConfigError(f"{name} has value {raw!r}: not a number") from None
     if value != value:  # NaN
-        raise ConfigError(f"{key} has value {raw!r}: not a number")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{key} has value {raw!r}: must be >= {minimum}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{key} has value {raw!r}: must be <= {maximum}")
+        raise ConfigError(f"{name} has value {raw!r}: not a number")
+    _bounded(name, raw, value, key)
     return value
 
 
-def _parse_bool(key: str, raw: str) -> bool:
+def _parse_bool(key: Key, name: str, raw: str) -> bool:
     text = raw.strip().lower()
     if text in ("1", "true", "yes", "on"):
         return True
     if text in ("0", "false", "no", "off", ""):
         return False
-    raise ConfigError(f"{key} has value {raw!r}: not a boolean (use true or false)")
+    raise ConfigError(f"{name} has value {raw!r}: not a boolean (use true or false)")
 
 
-def _parse_list(raw: str) -> tuple[str, ...]:
+def _parse_list(key: Key, name: str, raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
-class _Reader:
-    """Reads typed values from the mapping, naming the key in every error."""
+_PARSERS: dict[Kind, Callable[[Key, str, str], Value]] = {
+    "str": lambda key, name, raw: raw.strip(),
+    "lower": lambda key, name, raw: raw.strip().lower(),
+    "path": lambda key, name, raw: os.path.expanduser(raw.strip()),
+    "int": _parse_int,
+    "opt_int": _parse_int,
+    "float": _parse_float,
+    "bool": _parse_bool,
+    "list": _parse_list,
+}
+_TEXT_KINDS = frozenset({"str", "lower", "path"})
 
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
 
-    def has(self, key: str) -> bool:
-        return key in self.env
-
-    def str(self, key: str, default: str) -> str:
-        return self.env.get(key, default).strip()
-
-    def int(self, key: str, default: int, minimum: int | None = None) -> int:
-        raw = self.env.get(key)
-        return default if raw is None or not raw.strip() else _parse_int(key, raw, minimum)
-
-    def opt_int(self, key: str, minimum: int | None = None) -> int | None:
-        raw = self.env.get(key)
-        return None if raw is None or not raw.strip() else _parse_int(key, raw, minimum)
-
-    def float(self, key: str, default: float, minimum: float | None = None, maximum: float | None = None) -> float:
-        raw = self.env.get(key)
-        return default if raw is None or not raw.strip() else _parse_float(key, raw, minimum, maximum)
-
-    def bool(self, key: str, default: bool) -> bool:
-        raw = self.env.get(key)
-        return default if raw is None or not raw.strip() else _parse_bool(key, raw)
-
-    def list(self, key: str) -> tuple[str, ...]:
-        return _parse_list(self.env.get(key, ""))
+def _read(key: Key, name: str, env: Mapping[str, str], tier: str | None = None) -> Value:
+    """`key` from the variable `name`; unset (or blank, except for text) means the default."""
+    raw = env.get(name)
+    if raw is None or (not raw.strip() and (key.blank_is_default or key.kind not in _TEXT_KINDS)):
+        return key.default_for(tier)
+    return _PARSERS[key.kind](key, name, raw)
 
 
 # ---------------------------------------------------------------- backend inference
@@ -226,22 +342,18 @@ def _allowed_backends(tier: str) -> tuple[str, ...]:
     return EMBEDDING_BACKENDS if tier == "embedding" else RERANKER_BACKENDS
 
 
-_DEFAULT_PATHS = {"light": PACKAGED_GEMMA, "embedding": PACKAGED_MINILM, "reranker": ""}
+_TIER_KEY = {key.name: key for key in TIER_KEYS}
 
 
-def _tier_config(tier: str, read: _Reader) -> TierConfig | None:
-    prefix = tier.upper() + "_"
-    path_key = prefix + "MODEL_PATH"
-    backend_key = prefix + "BACKEND"
-    if read.has(path_key):
-        path = read.str(path_key, "")
-    else:
-        path = _DEFAULT_PATHS.get(tier, "")
-    raw_backend = read.str(backend_key, "").lower()
+def _tier_config(tier: str, env: Mapping[str, str]) -> TierConfig | None:
+    path_key = _TIER_KEY["model_path"].env_name(tier)
+    backend_key = _TIER_KEY["backend"].env_name(tier)
+    path = str(_read(_TIER_KEY["model_path"], path_key, env, tier))
+    raw_backend = str(_read(_TIER_KEY["backend"], backend_key, env, tier))
     backend = _BACKEND_ALIASES.get(raw_backend, raw_backend)
     if not path:
         # The reranker's default is similarity over the embedding tier; it needs no model path.
-        similarity_ok = tier == "reranker" and (backend == "similarity" or (not backend and not read.has(path_key)))
+        similarity_ok = tier == "reranker" and (backend == "similarity" or (not backend and path_key not in env))
         if similarity_ok:
             backend = "similarity"
         elif backend:
@@ -257,39 +369,9 @@ def _tier_config(tier: str, read: _Reader) -> TierConfig | None:
         )
     if path and not path.startswith(("package:", "http://", "https://")):
         path = os.path.expanduser(path)
-    chat = tier in CHAT_TIERS
-    return TierConfig(
-        name=tier,
-        model_path=path,
-        backend=backend,
-        n_ctx=read.int(prefix + "N_CTX", 4096 if chat else 512, minimum=16),
-        n_batch=read.int(prefix + "N_BATCH", 512, minimum=1),
-        n_threads=read.opt_int(prefix + "N_THREADS", minimum=1),
-        n_gpu_layers=read.int(prefix + "N_GPU_LAYERS", 0, minimum=-1),
-        temperature=read.float(prefix + "TEMPERATURE", 0.7, minimum=0.0, maximum=2.0),
-        top_p=read.float(prefix + "TOP_P", 0.95, minimum=0.0, maximum=1.0),
-        top_k=read.int(prefix + "TOP_K", 40, minimum=0),
-        max_tokens=read.int(prefix + "MAX_TOKENS", 512, minimum=1),
-        repeat_penalty=read.float(prefix + "REPEAT_PENALTY", 1.1, minimum=0.0),
-        use_mmap=read.bool(prefix + "USE_MMAP", True),
-        use_mlock=read.bool(prefix + "USE_MLOCK", False),
-        embedding_mode=read.bool(prefix + "EMBEDDING_MODE", tier == "embedding"),
-        embedding_dimension=read.opt_int(prefix + "EMBEDDING_DIMENSION", minimum=1),
-        aliases=read.list(prefix + "ALIASES"),
-        patterns=read.list(prefix + "PATTERNS"),
-        ttl=read.float(prefix + "TTL", 0.0, minimum=0.0),
-        parallel=read.int(prefix + "PARALLEL", 4, minimum=1),
-        max_queue=read.int(prefix + "MAX_QUEUE", 64, minimum=0),
-        queue_timeout=read.float(prefix + "QUEUE_TIMEOUT", 60.0, minimum=0.0),
-        preload=read.bool(prefix + "PRELOAD", False),
-        base_url=read.str(prefix + "BASE_URL", ""),
-        api_key=read.str(prefix + "API_KEY", ""),
-        chat_format=read.str(prefix + "CHAT_FORMAT", "").lower(),
-        chat_template=read.str(prefix + "CHAT_TEMPLATE", ""),
-        max_documents=read.int(prefix + "MAX_DOCUMENTS", 1000, minimum=1),
-        batch_wait_ms=read.float(prefix + "BATCH_WAIT_MS", 5.0, minimum=0.0),
-        max_batch=read.int(prefix + "MAX_BATCH", 64, minimum=1),
-    )
+    read_above = ("model_path", "backend")
+    values = {key.name: _read(key, key.env_name(tier), env, tier) for key in TIER_KEYS if key.name not in read_above}
+    return TierConfig(name=tier, model_path=path, backend=backend, **values)
 
 
 def _check_names(tiers: Mapping[str, TierConfig]) -> None:
@@ -317,22 +399,23 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _cors_origins(origins: tuple[str, ...]) -> tuple[str, ...]:
+def _check_cors_origins(origins: tuple[str, ...]) -> None:
     """Each origin is "*" or scheme://host[:port], compared exactly (so no path, no trailing slash)."""
     for origin in origins:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise ConfigError(
                 f"CORS_ORIGINS has value {origin!r}: an origin is scheme://host[:port] (e.g. http://localhost:3000)"
             )
-    return origins
+
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build `Settings` from an environment mapping; raise `ConfigError` on the first bad value."""
-    read = _Reader(env)
     tiers: dict[str, TierConfig] = {}
     for tier in TIERS:
-        config = _tier_config(tier, read)
+        config = _tier_config(tier, env)
         if config is not None:
             tiers[tier] = config
     _check_names(tiers)
@@ -341,36 +424,17 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         raise ConfigError(
             "RERANKER_BACKEND is 'similarity' but the embedding tier is off (EMBEDDING_MODEL_PATH is empty)"
         )
-    log_level = read.str("LOG_LEVEL", "info").lower()
-    if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
-        raise ConfigError(f"LOG_LEVEL has value {log_level!r}: use debug, info, warning, error or critical")
-    host = read.str("HOST", "127.0.0.1") or "127.0.0.1"
-    api_keys = read.list("API_KEYS")
-    if not api_keys and not _is_loopback(host):
+    values: dict[str, Any] = {key.name: _read(key, key.env, env) for key in SERVER_KEYS}
+    if values["log_level"] not in _LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL has value {values['log_level']!r}: use debug, info, warning, error or critical")
+    host = values["host"]
+    if not values["api_keys"] and not _is_loopback(host):
         raise ConfigError(
             f"HOST has value {host!r}: listening beyond this machine needs API_KEYS "
             "(set API_KEYS=<key>[,<key>...], or HOST=127.0.0.1)"
         )
-    return Settings(
-        tiers=tiers,
-        host=host,
-        port=read.int("PORT", 8000, minimum=0),
-        log_level=log_level,
-        shutdown_timeout=read.float("SHUTDOWN_TIMEOUT", 0.0, minimum=0.0),
-        drain_timeout=read.float("DRAIN_TIMEOUT", 30.0, minimum=0.0),
-        enable_cache=read.bool("ENABLE_CACHE", True),
-        cache_max_size=read.int("CACHE_MAX_SIZE", 1000, minimum=0),
-        cache_ttl_seconds=read.float("CACHE_TTL_SECONDS", 3600.0, minimum=0.0),
-        cache_persist_to_disk=read.bool("CACHE_PERSIST_TO_DISK", False),
-        cache_dir=os.path.expanduser(read.str("CACHE_DIR", ".cache/llmservice")),
-        api_keys=api_keys,
-        cors_origins=_cors_origins(read.list("CORS_ORIGINS")),
-        allowed_hosts=read.list("ALLOWED_HOSTS"),
-        max_memory_gb=read.float("MAX_MEMORY_GB", 0.0, minimum=0.0),
-        strict_tiers=read.bool("STRICT_TIERS", False),
-        port_file=read.str("PORT_FILE", ".port") or ".port",
-        max_body_bytes=read.int("MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024),
-    )
+    _check_cors_origins(values["cors_origins"])
+    return Settings(tiers=tiers, **values)
 
 
 def read_environment(dotenv_path: str | os.PathLike[str] = ".env") -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import logging
@@ -26,8 +27,9 @@ from cache import (
     request_key,
     text_keys,
     unclassified_fields,
+    unclassified_tier_fields,
 )
-from config import load_settings
+from config import TierConfig, load_settings
 from tests.conftest import FAKE_ENV
 from tests.fakes import FakeRegistry
 
@@ -40,7 +42,7 @@ def request_schemas() -> list[type[Any]]:
     while pending:
         cls = pending.pop()
         pending += cls.__subclasses__()
-        if cls.__module__ == "schemas" and not cls.__name__.startswith("_"):
+        if cls.__module__ == schemas.__name__ and not cls.__name__.startswith("_"):
             found.append(cls)
     return found
 
@@ -73,6 +75,18 @@ def test_a_new_unclassified_field_is_caught() -> None:
         reasoning_effort: str | None = None
 
     assert unclassified_fields(ChatCompletionRequest) == {"reasoning_effort"}
+
+
+def test_every_tier_setting_is_classified_as_keyed_or_operational() -> None:
+    assert unclassified_tier_fields() == set(), "add the TierConfig field to config.TIER_KEYS with its cache_key"
+
+
+def test_a_new_unclassified_tier_setting_is_caught() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Wider(TierConfig):
+        min_p: float = 0.0
+
+    assert unclassified_tier_fields(Wider) == {"min_p"}
 
 
 def test_normalised_request_holds_exactly_the_keyed_fields() -> None:
@@ -441,8 +455,8 @@ def test_requests_succeed_when_the_disk_is_full(make_client: Any, tmp_path: Path
     def disk_full(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    client.app.state.cache.disk.set = disk_full
-    client.app.state.cache.disk.get = disk_full
+    client.app.state.llm.cache.disk.set = disk_full
+    client.app.state.llm.cache.disk.get = disk_full
     for content in ("one", "two"):
         body = {**CHAT, "messages": [{"role": "user", "content": content}]}
         response = client.post("/v1/chat/completions", json=body)

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
 
-from config import PACKAGED_GEMMA, PACKAGED_MINILM, ConfigError, infer_backend, load_settings, read_environment
+from config import (
+    PACKAGED_GEMMA,
+    PACKAGED_MINILM,
+    SERVER_KEYS,
+    TIER_KEYS,
+    TIERS,
+    ConfigError,
+    Key,
+    Settings,
+    TierConfig,
+    TierKey,
+    infer_backend,
+    load_settings,
+    read_environment,
+)
+
+ENV_EXAMPLE = Path(__file__).resolve().parent.parent / ".env.example"
 
 
 def test_embedded_defaults_configure_light_embedding_and_reranker() -> None:
@@ -104,3 +123,81 @@ def test_real_environment_overrides_dotenv(tmp_path: Path, monkeypatch: pytest.M
     settings = load_settings(read_environment(dotenv))
     assert settings.tiers["light"].n_ctx == 2048
     assert settings.tiers["light"].top_k == 7
+
+
+# ---------------------------------------------------------------- the table of keys
+
+KIND_TYPES: dict[str, object] = {
+    "str": str,
+    "lower": str,
+    "path": str,
+    "int": int,
+    "opt_int": int | None,
+    "float": float,
+    "bool": bool,
+    "list": tuple[str, ...],
+}
+
+
+@pytest.mark.parametrize(
+    ("cls", "keys", "outside"), [(Settings, SERVER_KEYS, {"tiers"}), (TierConfig, TIER_KEYS, {"name"})]
+)
+def test_every_field_is_read_from_the_table_with_its_type(
+    cls: type[object], keys: tuple[Key, ...], outside: set[str]
+) -> None:
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in outside]
+    assert [key.name for key in keys] == names, "the table lists the dataclass fields once, in field order"
+    hints = typing.get_type_hints(cls)
+    for key in keys:
+        assert hints[key.name] == KIND_TYPES[key.kind], key.name
+
+
+def test_unset_keys_take_the_table_default_of_their_tier() -> None:
+    settings = load_settings({})  # light (chat), embedding and reranker
+    for tier in settings.tiers.values():
+        for key in TIER_KEYS:
+            if key.name != "backend":  # inferred from the path
+                assert getattr(tier, key.name) == key.default_for(tier.name), (tier.name, key.name)
+    for key in SERVER_KEYS:
+        assert getattr(settings, key.name) == key.default, key.name
+    embedding, light = settings.tiers["embedding"], settings.tiers["light"]
+    assert (embedding.n_ctx, embedding.embedding_mode, light.n_ctx, light.embedding_mode) == (512, True, 4096, False)
+
+
+BOUNDED = [
+    (key, bound)
+    for key in (*SERVER_KEYS, *TIER_KEYS)
+    for bound in ("minimum", "maximum")
+    if getattr(key, bound) is not None
+]
+
+
+@pytest.mark.parametrize(("key", "bound"), BOUNDED, ids=[f"{key.env}-{bound}" for key, bound in BOUNDED])
+def test_values_beyond_a_bound_are_refused_with_the_variable_name(key: Key, bound: str) -> None:
+    limit = getattr(key, bound)
+    step = 1 if key.kind in ("int", "opt_int") else 0.5
+    raw = str(limit - step if bound == "minimum" else limit + step)
+    name = key.env_name("light") if isinstance(key, TierKey) else key.env
+    with pytest.raises(ConfigError, match=re.escape(f"{name} has value {raw!r}: must be")):
+        load_settings({name: raw})
+
+
+def test_timeouts_accept_fractions_of_a_second() -> None:
+    settings = load_settings({"SHUTDOWN_TIMEOUT": "0.5", "DRAIN_TIMEOUT": "0.25", "LIGHT_TTL": "1.5"})
+    assert (settings.shutdown_timeout, settings.drain_timeout, settings.tiers["light"].ttl) == (0.5, 0.25, 1.5)
+
+
+def documented_keys() -> set[str]:
+    """Names set in .env.example, commented out or not (`KEY=...` or `# KEY=...`)."""
+    found = re.findall(r"^#?[ \t]*([A-Z][A-Z0-9_]*)=", ENV_EXAMPLE.read_text(), flags=re.MULTILINE)
+    return set(found)
+
+
+def test_env_example_documents_exactly_the_table() -> None:
+    # Server keys appear as themselves; a tier key appears once, under any one tier's prefix.
+    documented = documented_keys()
+    prefixes = tuple(f"{tier.upper()}_" for tier in TIERS)
+    server = {name for name in documented if not name.startswith(prefixes)}
+    tier_suffixes = {name.split("_", 1)[1] for name in documented if name.startswith(prefixes)}
+    assert server == {key.env for key in SERVER_KEYS}
+    assert tier_suffixes == {key.env for key in TIER_KEYS}
