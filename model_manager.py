@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chat.local import LocalChat
 from chat.scheduler import ChatScheduler
 from config import PACKAGED_GEMMA, Settings, TierConfig
 from core.errors import Conflict, ModelUnavailable, Overloaded, ServiceError, ShuttingDown
 from core.microbatch import BatchWorker
 from core.protocols import Factory
+from core.turns import ChatBackend
 
 log = logging.getLogger("llmservice.models")
 
@@ -91,7 +93,7 @@ class TierRuntime:
     config: TierConfig
     state: str = UNLOADED
     reason: str = ""
-    worker: ChatScheduler | BatchWorker | None = None
+    worker: ChatBackend | BatchWorker | None = None
     in_flight: int = 0
     last_use: float = 0.0
     load_seconds: float = 0.0
@@ -174,11 +176,16 @@ class ModelManager:
             raise ModelUnavailable(f"The {config.name} tier's backend {config.backend!r} is not available here")
         return factory
 
-    def _start_worker(self, config: TierConfig) -> ChatScheduler | BatchWorker:
+    def _start_worker(self, config: TierConfig) -> ChatBackend | BatchWorker:
+        if config.kind == "chat":
+            direct = self.factories.get(f"turns:{config.backend}")
+            if direct is not None:  # a backend that serves whole turns itself (an upstream server)
+                backend: ChatBackend = direct(config, self.settings)
+                return backend
         factory = self._factory(config)
         loader = lambda: factory(config, self.settings)  # noqa: E731
         if config.kind == "chat":
-            return ChatScheduler(loader, config.name, config.max_queue, config.queue_timeout)
+            return LocalChat(ChatScheduler(loader, config.name, config.max_queue, config.queue_timeout), config)
         # Embedding and rerank tiers micro-batch concurrent requests (microbatch.py).
         return BatchWorker(
             loader, config.name, config.max_queue, config.batch_wait_ms, config.max_batch, config.queue_timeout
@@ -267,7 +274,7 @@ class ModelManager:
             return False
         return True
 
-    async def ensure_loaded(self, tier: str) -> ChatScheduler | BatchWorker:
+    async def ensure_loaded(self, tier: str) -> ChatBackend | BatchWorker:
         rt = self.tiers[tier]
         if rt.state in (UNLOADED, FAILED) and rt.loading is None:
             self.start_loading(tier)

@@ -45,7 +45,6 @@ def _token_lengths(tokenizer: Any, texts: Sequence[str]) -> list[int]:
 class CrossEncoderReranker:
     """A sentence-transformers CrossEncoder (one logit per pair)."""
 
-    kind = "cross-encoder"
     scores_are_logits = True
 
     def __init__(self, tier: TierConfig, path: str) -> None:
@@ -73,7 +72,6 @@ class CrossEncoderReranker:
 class FlagRerankerBackend:
     """FlagEmbedding's FlagReranker (bge-reranker family); LLM-based ones through FlagLLMReranker."""
 
-    kind = "flag-reranker"
     scores_are_logits = True
 
     def __init__(self, tier: TierConfig, path: str) -> None:
@@ -112,7 +110,6 @@ def _read_config(path: str) -> dict[str, Any]:
 class LlamaCppReranker:
     """A GGUF reranker (rank pooling): one classifier score per (query, document) sequence."""
 
-    kind = "llamacpp-rank"
     scores_are_logits = True
 
     def __init__(self, tier: TierConfig) -> None:
@@ -179,7 +176,6 @@ class LlamaCppReranker:
 class SimilarityReranker:
     """Cosine similarity between query and document embeddings from the embedding tier's model."""
 
-    kind = "similarity"
     scores_are_logits = False
 
     def __init__(self, embedder: Any) -> None:

@@ -1,21 +1,17 @@
-"""The response cache seen from the HTTP routes: look a request up, replay a hit, fill on success.
-
-A chat or completions entry holds what generation produced, not the rendered response: for each
-choice its text pieces (the stream's chunk boundaries) and finish reason, plus the token usage. The
-routes shape it exactly as they shape a live result, so a hit replays as SSE with the same framing
-whether the entry was filled by a stream or by a plain request.
+"""The response cache seen from the HTTP routes: the request's Cache-Control, and the lookups of
+embeddings (one entry per text) and rerank (one per request). Chat and completions are cached at the
+chat-turn seam (chat/recording.py), as the events a turn produced.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import Request
 
-from cache import ResponseCache, is_deterministic, normalise_request, request_key, text_keys
-from chat.scheduler import DoneEvent
+from api.state import app_state
+from cache import ResponseCache, normalise_request, request_key, text_keys
 from config import TierConfig
 from middleware import request_context
 
@@ -27,116 +23,12 @@ def cache_directives(request: Request) -> set[str]:
     return {part.strip().split("=", 1)[0] for part in raw.split(",") if part.strip()}
 
 
-@dataclass
-class CacheLookup:
-    """The outcome of one lookup: `key` is None when the request is not cacheable."""
-
-    cache: ResponseCache | None
-    key: str | None = None
-    hit: dict[str, Any] | None = None
-    store_result: bool = True
-
-    @property
-    def headers(self) -> dict[str, str]:
-        if self.key is None:
-            return {}
-        return {"X-Cache": "HIT" if self.hit is not None else "MISS"}
-
-    async def store(
-        self, choices: Sequence[tuple[Sequence[str], str]], prompt_tokens: int, completion_tokens: int
-    ) -> None:
-        """Fill the entry from a finished result: (pieces, finish reason) per choice and the usage."""
-        if self.cache is None or self.key is None or not self.store_result:
-            return
-        value = {
-            "choices": [{"pieces": list(pieces), "finish_reason": reason} for pieces, reason in choices],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-        }
-        await self.cache.put(self.key, value)
-
-
-async def lookup(request: Request, endpoint: str, tier: TierConfig, body: Any) -> CacheLookup:
-    """Look up a deterministic request (temperature 0 or a seed); others are never cached."""
-    cache: ResponseCache | None = getattr(request.app.state, "cache", None)
-    if cache is None or not cache.enabled or not is_deterministic(body):
-        return CacheLookup(cache)
-    key = request_key(endpoint, tier, normalise_request(body))
-    directives = cache_directives(request)
-    if directives & {"no-cache", "no-store"}:
-        return CacheLookup(cache, key, store_result="no-store" not in directives)
-    hit = await cache.get(key)
-    if not _well_formed(hit):
-        hit = None
-    return CacheLookup(cache, key, hit)
-
-
-def _well_formed(value: Any) -> bool:
-    try:
-        return all(isinstance(piece, str) for c in value["choices"] for piece in c["pieces"]) and bool(value["choices"])
-    except (TypeError, KeyError):
-        return False
-
-
-@dataclass
-class CachedRun:
-    """A cached choice with the surface of a running job, so the SSE code replays it unchanged."""
-
-    pieces: list[str]
-    done: DoneEvent
-    chunks: list[str] = field(default_factory=list)
-
-    def cancel(self) -> None:
-        """Nothing runs: a replay has nothing to stop."""
-
-    async def events(self) -> AsyncIterator[str]:
-        for piece in self.pieces:
-            yield piece
-
-
-def cached_runs(hit: dict[str, Any]) -> list[CachedRun]:
-    usage = hit.get("usage", {})
-    runs = []
-    for choice in hit["choices"]:
-        done = DoneEvent(
-            finish_reason=str(choice.get("finish_reason", "stop")),
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)),
-            queue_seconds=0.0,
-            compute_seconds=0.0,
-        )
-        runs.append(CachedRun(list(choice["pieces"]), done))
-    return runs
-
-
-async def no_release() -> None:
-    """The release of a cache replay: it holds no lease."""
-
-
-def filler(cached: CacheLookup) -> Callable[[Any], Awaitable[None]] | None:
-    """The `on_complete` of a live stream: fills the cache once the stream ran to its end."""
-    if cached.key is None:
-        return None
-
-    async def fill(running: Any) -> None:
-        done = running.done
-        await cached.store([(running.chunks, done.finish_reason)], done.prompt_tokens, done.completion_tokens)
-
-    return fill
-
-
-async def store_jobs(cached: CacheLookup, jobs: Sequence[Any], prompt_tokens: int) -> None:
-    """Fill the cache from finished non-streamed jobs (routes_chat.RunningJob)."""
-    completion_tokens = sum(r.done.completion_tokens for r in jobs if r.done is not None)
-    choices = [(r.chunks, r.done.finish_reason if r.done else "stop") for r in jobs]
-    await cached.store(choices, prompt_tokens, completion_tokens)
-
-
 # ---------------------------------------------------------------- embeddings and rerank
 
 
 def _enabled(request: Request) -> ResponseCache | None:
-    cache: ResponseCache | None = getattr(request.app.state, "cache", None)
-    return cache if cache is not None and cache.enabled else None
+    cache = app_state(request).cache
+    return cache if cache.enabled else None
 
 
 async def per_text(

@@ -1,93 +1,78 @@
-"""Streams between a model's owner thread and the event loop, and their SSE framing.
+"""Turn events into OpenAI responses: server-sent events for streams, collected results otherwise.
 
-A job's events (text, done, error) cross from the scheduler thread through a per-request asyncio
-queue; `RunningJob` reads them, `stream_events` turns them into `data: {...}` chunks ending with
-`data: [DONE]` (or one error event), and the cancel flag is set whenever the reader leaves early.
+A stream is one `data: {...}` chunk per event, a final chunk with the finish reason, usage when
+asked, then `data: [DONE]`; an error after the stream started is one `data: {"error": ...}` event
+and no [DONE]. The turn is closed (its choices cancelled, its tier released) when the stream ends
+for any reason, the client leaving included.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
-from chat.scheduler import ChatScheduler, DoneEvent, ErrorEvent, Event, TextEvent
-from core.errors import RequestCancelled, ServiceError
-from core.protocols import GenerationJob, SamplingParams
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from core.errors import ClientGone
+from core.events import DoneEvent, ErrorEvent, Event, TextEvent, ToolCallEvent
+from core.turns import Choice, JsonObject, Turn
 from middleware import request_context
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-@dataclass
-class RunningJob:
-    """A submitted job plus the asyncio side of its event stream."""
-
-    job: GenerationJob
-    queue: asyncio.Queue[Event]
-    scheduler: ChatScheduler
-    done: DoneEvent | None = None
-    chunks: list[str] = field(default_factory=list)
-
-    def cancel(self) -> None:
-        if self.done is None:
-            self.job.cancelled.set()
-            self.scheduler.wake()
-
-    async def events(self) -> AsyncIterator[str]:
-        """Text pieces until the job ends; raises the job's error."""
-        while self.done is None:
-            event = await self.queue.get()
-            if isinstance(event, TextEvent):
-                self.chunks.append(event.text)
-                request_context.mark_first_token()
-                yield event.text
-            elif isinstance(event, DoneEvent):
-                self.done = event
-                request_context.add_tokens(event.prompt_tokens, event.completion_tokens, event.compute_seconds)
-                if event.finish_reason == "cancelled":
-                    raise RequestCancelled("The request was stopped by the server (tier unloaded or shutting down)")
-            elif isinstance(event, ErrorEvent):
-                self.done = DoneEvent("error", len(self.job.prompt_tokens), self.job.completion_tokens, 0.0, 0.0)
-                raise event.error
-
-    async def collect(self) -> str:
-        return "".join([piece async for piece in self.events()])
+class ChunkMaker(Protocol):
+    def __call__(
+        self,
+        *,
+        role: bool = False,
+        text: str | None = None,
+        finish: str | None = None,
+        delta: JsonObject | None = None,
+        usage: JsonObject | None = None,
+    ) -> JsonObject: ...
 
 
-def submit(scheduler: ChatScheduler, prompt: list[int], params: SamplingParams) -> RunningJob:
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Event] = asyncio.Queue()
-    job = GenerationJob(prompt_tokens=prompt, params=params)
-    scheduler.submit(job, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
-    return RunningJob(job, queue, scheduler)
+def chunk_maker(
+    id_prefix: str, object_name: str, model: str, include_usage: bool, choice: Callable[..., JsonObject]
+) -> ChunkMaker:
+    """Builds the chunks of one stream: one id and `created`, the endpoint's choice shape, and `usage`
+    on every chunk when the client asked for it (null except on the final `choices: []` chunk)."""
+    completion_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def make_chunk(
+        *,
+        role: bool = False,
+        text: str | None = None,
+        finish: str | None = None,
+        delta: JsonObject | None = None,
+        usage: JsonObject | None = None,
+    ) -> JsonObject:
+        chunk: JsonObject = {"id": completion_id, "object": object_name, "created": created, "model": model}
+        if usage is not None:
+            chunk["choices"] = []
+        else:
+            args = {"role": role, "text": text, "finish": finish} | ({"delta": delta} if delta is not None else {})
+            chunk["choices"] = [choice(**args)]
+        if include_usage:
+            chunk["usage"] = usage
+        return chunk
+
+    return make_chunk
 
 
-@contextlib.asynccontextmanager
-async def cancel_on_exit(jobs: list[RunningJob]) -> AsyncIterator[None]:
-    """Jobs still running when the handler leaves (client gone, error) are cancelled at once."""
-    try:
-        yield
-    finally:
-        for running in jobs:
-            running.cancel()
+def sse(data: JsonObject) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
 
 
-def timing_headers(done: list[DoneEvent]) -> dict[str, str]:
-    if not done:
-        return {}
-    return {
-        "X-Queue-Time-Ms": f"{max(d.queue_seconds for d in done) * 1000:.1f}",
-        "X-Compute-Time-Ms": f"{max(d.compute_seconds for d in done) * 1000:.1f}",
-    }
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int) -> JsonObject:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -95,79 +80,124 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def sse(data: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+def finish_reason(done: DoneEvent) -> str:
+    return done.finish_reason if done.finish_reason in ("length", "tool_calls") else "stop"
 
 
-class TextShaper:
-    """Turns text pieces into chunk arguments one to one (tool_calling.ToolStreamShaper buffers calls)."""
+def tool_call_deltas(call: ToolCallEvent) -> list[JsonObject]:
+    """OpenAI's streamed form of a call: the head (index, id, type, name), then the arguments."""
+    head: JsonObject = {
+        "index": call.index,
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": ""},
+    }
+    rest: JsonObject = {"index": call.index, "function": {"arguments": call.arguments}}
+    return [{"tool_calls": [head]}, {"tool_calls": [rest]}]
 
-    def feed(self, piece: str) -> list[dict[str, Any]]:
-        return [{"text": piece}]
 
-    def end(self, done: DoneEvent) -> tuple[list[dict[str, Any]], str]:
-        return [], finish_reason(done)
+def note(event: Event, turn: Turn) -> None:
+    """Tell the request's context (access log, metrics) what a live turn produced."""
+    if turn.replayed:
+        return
+    if isinstance(event, TextEvent | ToolCallEvent):
+        request_context.mark_first_token()
+    elif isinstance(event, DoneEvent):
+        request_context.add_tokens(event.prompt_tokens, event.completion_tokens, event.compute_seconds)
 
 
-OnComplete = Callable[[Any], Awaitable[None]]
+def stream_response(
+    turn: Turn, make_chunk: ChunkMaker, include_usage: bool, headers: dict[str, str]
+) -> StreamingResponse:
+    return StreamingResponse(
+        stream(turn, make_chunk, include_usage), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+    )
 
 
-async def stream_events(
-    running: Any,
-    make_chunk: Any,
-    include_usage: bool,
-    release: Any,
-    shaper: Any = None,
-    on_complete: OnComplete | None = None,
-) -> AsyncIterator[bytes]:
-    """The SSE body: one chunk per text piece, a final chunk, usage if asked, then [DONE].
-
-    `running` is a RunningJob or a cache replay (http_cache.CachedRun); `on_complete` sees a stream
-    that ran to its end (it fills the cache). An error after the stream started is one
-    `data: {"error": ...}` event and no [DONE].
-    """
-    shaper = shaper or TextShaper()
+async def stream(turn: Turn, make_chunk: ChunkMaker, include_usage: bool) -> AsyncIterator[bytes]:
+    """The SSE body of the turn's first (only) choice."""
     try:
         yield sse(make_chunk(role=True))
-        async for piece in running.events():
-            for kwargs in shaper.feed(piece):
-                yield sse(make_chunk(**kwargs))
-        done = running.done
-        assert done is not None
-        if on_complete is not None:
-            await on_complete(running)
-        tail, finish = shaper.end(done)
-        for kwargs in tail:
-            yield sse(make_chunk(**kwargs))
-        yield sse(make_chunk(finish=finish))
-        if include_usage:
-            yield sse(make_chunk(usage=usage(done.prompt_tokens, done.completion_tokens)))
-        yield b"data: [DONE]\n\n"
-    except ServiceError as exc:
-        yield sse(exc.body())
+        async for event in turn.choices[0].events():
+            note(event, turn)
+            if isinstance(event, TextEvent):
+                yield sse(make_chunk(text=event.text))
+            elif isinstance(event, ToolCallEvent):
+                for delta in tool_call_deltas(event):
+                    yield sse(make_chunk(delta=delta))
+            elif isinstance(event, DoneEvent):
+                yield sse(make_chunk(finish=finish_reason(event)))
+                if include_usage:
+                    yield sse(make_chunk(usage=usage(event.prompt_tokens, event.completion_tokens)))
+                yield b"data: [DONE]\n\n"
+                return
+            else:
+                yield sse(event.error.body())
+                return
     finally:
-        running.cancel()
-        await release()
+        await turn.aclose()
 
 
-def finish_reason(done: DoneEvent | None) -> str:
-    reason = done.finish_reason if done else "stop"
-    return "length" if reason == "length" else "stop"
+# ---------------------------------------------------------------- whole responses
 
 
-def chunk_maker(
-    id_prefix: str, object_name: str, model: str, include_usage: bool, choice: Callable[..., dict[str, Any]]
-) -> Callable[..., dict[str, Any]]:
-    """Builds the chunks of one stream: one id and `created`, the endpoint's choice shape, and `usage`
-    on every chunk when the client asked for it (null except on the final `choices: []` chunk)."""
-    completion_id = f"{id_prefix}-{uuid.uuid4().hex}"
-    created = int(time.time())
+@dataclass
+class ChoiceResult:
+    text: str
+    done: DoneEvent
+    calls: list[ToolCallEvent] = field(default_factory=list)
 
-    def make_chunk(usage: Any = None, **kwargs: Any) -> dict[str, Any]:
-        chunk: dict[str, Any] = {"id": completion_id, "object": object_name, "created": created, "model": model}
-        chunk["choices"] = [] if usage is not None else [choice(**kwargs)]
-        if include_usage:
-            chunk["usage"] = usage
-        return chunk
 
-    return make_chunk
+async def collect(turn: Turn, client_gone: Awaitable[None] | None = None) -> list[ChoiceResult]:
+    """Every choice's result; the first error is raised and the other choices are cancelled. When
+    `client_gone` finishes first (the client disconnected), the turn is cancelled at once."""
+    results = asyncio.ensure_future(asyncio.gather(*(_collect(choice, turn) for choice in turn.choices)))
+    watcher = asyncio.ensure_future(client_gone) if client_gone is not None else None
+    try:
+        if watcher is not None:
+            await asyncio.wait({results, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not results.done():
+                results.cancel()
+                raise ClientGone("The client disconnected before the answer was ready")
+        return list(await results)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        await turn.aclose()
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client of a request whose body was read disconnects (never for a live one)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        continue
+
+
+async def _collect(choice: Choice, turn: Turn) -> ChoiceResult:
+    pieces: list[str] = []
+    calls: list[ToolCallEvent] = []
+    async for event in choice.events():
+        note(event, turn)
+        if isinstance(event, TextEvent):
+            pieces.append(event.text)
+        elif isinstance(event, ToolCallEvent):
+            calls.append(event)
+        elif isinstance(event, ErrorEvent):
+            raise event.error
+        else:
+            return ChoiceResult("".join(pieces), event, calls)
+    raise RuntimeError("a choice ended without a done or error event")
+
+
+def usage_of(turn: Turn, results: list[ChoiceResult]) -> JsonObject:
+    completion = turn.recorded_completion_tokens if turn.replayed else sum(r.done.completion_tokens for r in results)
+    return usage(turn.prompt_tokens, completion)
+
+
+def timing_headers(turn: Turn, results: list[ChoiceResult]) -> dict[str, str]:
+    if turn.replayed or not results:
+        return {}
+    done = [r.done for r in results]
+    return {
+        "X-Queue-Time-Ms": f"{max(d.queue_seconds for d in done) * 1000:.1f}",
+        "X-Compute-Time-Ms": f"{max(d.compute_seconds for d in done) * 1000:.1f}",
+    }

@@ -27,6 +27,7 @@ from chat import structured_output, templates
 from config import TierConfig
 from core.errors import BackendError, InvalidRequest
 from core.protocols import GenerationJob, SamplingParams, StepOutput
+from core.turns import Message
 
 log = logging.getLogger("llmservice.llamacpp")
 PENALTY_WINDOW = 64  # tokens of history the repetition penalties look at
@@ -142,10 +143,8 @@ class LlamaCppChat:
         add_bos = self._model.add_bos_token() and not (self._bos_text and text.startswith(self._bos_text))
         return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None) -> str:
-        return templates.render(
-            self._template, messages, bos_token=self._bos_text, eos_token=self._eos_text, tools=tools
-        )
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        return templates.render(self._template, messages, bos_token=self._bos_text, eos_token=self._eos_text)
 
     def _piece_bytes(self, token: int) -> bytes:
         n = self._lib.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)

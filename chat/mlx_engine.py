@@ -14,6 +14,7 @@ from typing import Any
 from chat import structured_output, templates
 from config import TierConfig
 from core.protocols import GenerationJob, SamplingParams, StepOutput
+from core.turns import Message
 
 
 class MlxChat:
@@ -54,10 +55,8 @@ class MlxChat:
         add_special = not (self._bos_text and text.startswith(self._bos_text))
         return list(self._hf.encode(text, add_special_tokens=add_special))
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None) -> str:
-        return templates.render(
-            self._template, messages, bos_token=self._bos_text, eos_token=self._eos_text, tools=tools
-        )
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        return templates.render(self._template, messages, bos_token=self._bos_text, eos_token=self._eos_text)
 
     def _sampler(self, params: SamplingParams) -> tuple[Any, list[Any]]:
         from mlx_lm.sample_utils import make_logits_processors, make_sampler

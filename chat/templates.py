@@ -135,7 +135,6 @@ def render(
     *,
     bos_token: str,
     eos_token: str,
-    tools: Sequence[dict[str, Any]] | None = None,
     add_generation_prompt: bool = True,
 ) -> str:
     """Render a conversation; template errors become a 400, never a 500."""
@@ -144,7 +143,6 @@ def render(
     try:
         return _compile(template).render(
             messages=list(messages),
-            tools=list(tools) if tools else None,
             bos_token=bos_token,
             eos_token=eos_token,
             add_generation_prompt=add_generation_prompt,

@@ -12,34 +12,28 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from chat.structured_output import check_schema
 from core.errors import InvalidRequest
+from core.events import DoneEvent, Event, TextEvent, ToolCallEvent
+from core.turns import JsonObject, Message, ToolPlan
 
 MAX_PARALLEL_CALLS = 8
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
-@dataclass(frozen=True)
-class ToolPlan:
-    tools: tuple[dict[str, Any], ...]  # the OpenAI "function" objects offered
-    forced: bool  # "required" or a named function: the output must be a call
-    parallel: bool
-
-    @property
-    def names(self) -> set[str]:
-        return {tool["name"] for tool in self.tools}
-
-
-def plan_tools(tools: list[Any] | None, tool_choice: Any, parallel_tool_calls: bool | None) -> ToolPlan | None:
-    """What the request asks of tools; None when tools play no part (absent, or tool_choice "none")."""
-    if not tools or tool_choice == "none":
-        if isinstance(tool_choice, dict) and not tools:
+def plan_tools(
+    functions: Sequence[JsonObject] | None, tool_choice: str | JsonObject | None, parallel_tool_calls: bool | None
+) -> ToolPlan | None:
+    """What the request asks of tools (`functions`: the OpenAI "function" objects offered); None when
+    tools play no part (absent, or tool_choice "none")."""
+    if not functions or tool_choice == "none":
+        if isinstance(tool_choice, dict) and not functions:
             raise InvalidRequest("tool_choice names a function but no tools were given", param="tool_choice")
         return None
-    functions = [tool.function.model_dump(exclude_none=True) for tool in tools]
     for function in functions:
         check_schema(function.get("parameters", {"type": "object"}), f"tools.{function['name']}.parameters")
     parallel = parallel_tool_calls is not False
@@ -48,7 +42,8 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any, parallel_tool_calls: b
     if tool_choice == "required":
         return ToolPlan(tuple(functions), forced=True, parallel=parallel)
     if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name")
+        chosen_function = tool_choice.get("function")
+        name = chosen_function.get("name") if isinstance(chosen_function, dict) else None
         chosen = [f for f in functions if f["name"] == name]
         if not chosen:
             raise InvalidRequest(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
@@ -92,15 +87,12 @@ def instructions(plan: ToolPlan) -> str:
     )
 
 
-def prepare_messages(messages: list[dict[str, Any]], plan: ToolPlan | None) -> list[dict[str, Any]]:
+def prepare_messages(messages: Sequence[Message], plan: ToolPlan | None) -> list[Message]:
     """Add the tool instructions to the system prompt; show earlier calls in the same JSON form."""
-    out: list[dict[str, Any]] = []
+    out: list[Message] = []
     for message in messages:
         if message["role"] == "assistant" and message.get("tool_calls"):
-            calls = [
-                {"name": c["function"]["name"], "arguments": _loads(c["function"].get("arguments") or "{}")}
-                for c in message["tool_calls"]
-            ]
+            calls = [_earlier_call(call) for call in message["tool_calls"]]
             message = {**message, "content": json.dumps({"tool_calls": calls}, ensure_ascii=False)}
         out.append(message)
     if plan is None:
@@ -111,6 +103,16 @@ def prepare_messages(messages: list[dict[str, Any]], plan: ToolPlan | None) -> l
     else:
         out.insert(0, {"role": "system", "content": text})
     return out
+
+
+def _earlier_call(call: JsonObject) -> JsonObject:
+    function = call.get("function")
+    function = function if isinstance(function, dict) else {}
+    arguments = function.get("arguments")
+    return {
+        "name": function.get("name"),
+        "arguments": _loads(arguments if isinstance(arguments, str) and arguments else "{}"),
+    }
 
 
 def _loads(text: str) -> Any:
@@ -162,47 +164,38 @@ def may_be_call(prefix: str) -> bool | None:
     return False
 
 
-class ToolStreamShaper:
-    """Streams plain answers as they come, but holds back text that may be a tool call until the end.
+async def shape_calls(events: AsyncIterator[Event], plan: ToolPlan, hold_all: bool) -> AsyncIterator[Event]:
+    """A choice's events with its tool call, if any, turned into `ToolCallEvent`s.
 
-    A call is sent as OpenAI's tool-call deltas: the first carries `index`, `id`, `type` and the
-    function name, the next the arguments.
+    Plain answers pass as they come, but text that may be a call is held back until the end. A whole
+    (non-streamed) turn holds everything (`hold_all`), so a call anywhere in the text is found.
     """
+    held = ""
+    is_call: bool | None = True if plan.forced or hold_all else None
+    async for event in events:
+        if not isinstance(event, TextEvent) or is_call is False:
+            if isinstance(event, DoneEvent):
+                async for shaped in _end(held, event, plan):
+                    yield shaped
+                return
+            yield event
+            continue
+        held += event.text
+        if is_call is None:
+            is_call = may_be_call(held)
+            if is_call is False:
+                text, held = held, ""
+                yield TextEvent(text)
 
-    def __init__(self, plan: ToolPlan) -> None:
-        self.plan = plan
-        self.held = ""
-        self.is_call: bool | None = True if plan.forced else None
 
-    def feed(self, piece: str) -> list[dict[str, Any]]:
-        if self.is_call is False:
-            return [{"text": piece}]
-        self.held += piece
-        if self.is_call is None:
-            self.is_call = may_be_call(self.held)
-            if self.is_call is False:
-                text, self.held = self.held, ""
-                return [{"text": text}]
-        return []
-
-    def end(self, done: Any) -> tuple[list[dict[str, Any]], str]:
-        reason = "length" if done.finish_reason == "length" else "stop"
-        if not self.held:
-            return [], reason
-        calls = parse_tool_calls(self.held, self.plan)
-        if not calls:
-            return [{"text": self.held}], reason
-        deltas: list[dict[str, Any]] = []
-        for index, call in enumerate(calls):
-            function = call["function"]
-            head = {
-                "index": index,
-                "id": call["id"],
-                "type": "function",
-                "function": {"name": function["name"], "arguments": ""},
-            }
-            deltas.append({"delta": {"tool_calls": [head]}})
-            deltas.append(
-                {"delta": {"tool_calls": [{"index": index, "function": {"arguments": function["arguments"]}}]}}
-            )
-        return deltas, "tool_calls"
+async def _end(held: str, done: DoneEvent, plan: ToolPlan) -> AsyncIterator[Event]:
+    calls = parse_tool_calls(held, plan) if held else None
+    if not calls:
+        if held:
+            yield TextEvent(held)
+        yield done
+        return
+    for index, call in enumerate(calls):
+        function = call["function"]
+        yield ToolCallEvent(index, call["id"], function["name"], function["arguments"])
+    yield replace(done, finish_reason="tool_calls")

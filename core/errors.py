@@ -98,6 +98,14 @@ class ShuttingDown(Overloaded):
     code = "shutting_down"
 
 
+class ClientGone(ServiceError):
+    """The client left before its answer was ready; nobody reads this error (logged as 499)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+
 class RequestCancelled(ServiceError):
     """The server stopped a running request (forced unload, shutdown deadline); retry later."""
 

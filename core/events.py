@@ -1,7 +1,9 @@
-"""The events of one generated sequence, as they cross from a model's owner thread to the event loop.
+"""The events of one generated choice: what crosses from a model to the HTTP formatters.
 
-The engine (chat/scheduler.py) emits them; a chat turn (chat/turn.py) adds tool-call deltas and turns
-an engine-side cancel into an error; the HTTP formatters and the response cache only read them.
+The engine (chat/scheduler.py) emits text, done and error events from its owner thread; a chat turn
+(chat/turn.py) adds tool-call events and ends every choice with exactly one `DoneEvent` or
+`ErrorEvent`. Formatters (api/) and the response cache only read them, so a live choice, a replay
+from the cache and an upstream server's stream look the same.
 """
 
 from __future__ import annotations
@@ -14,22 +16,39 @@ from core.errors import ServiceError
 
 @dataclass(frozen=True)
 class TextEvent:
+    """A piece of generated text (a stream's chunk boundary)."""
+
     text: str
 
 
 @dataclass(frozen=True)
+class ToolCallEvent:
+    """One complete function call the model made (OpenAI `tool_calls[index]`)."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+
+@dataclass(frozen=True)
 class DoneEvent:
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    """The end of a choice, with its usage and timings."""
+
+    finish_reason: str  # engine: "stop" | "length" | "cancelled"; turn: "stop" | "length" | "tool_calls"
     prompt_tokens: int
     completion_tokens: int
-    queue_seconds: float
-    compute_seconds: float
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
 class ErrorEvent:
+    """The choice failed; nothing follows."""
+
     error: ServiceError
 
 
-Event = TextEvent | DoneEvent | ErrorEvent
-Sink = Callable[[Event], None]
+EngineEvent = TextEvent | DoneEvent | ErrorEvent
+Event = TextEvent | ToolCallEvent | DoneEvent | ErrorEvent
+Sink = Callable[[EngineEvent], None]

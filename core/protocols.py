@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from config import Settings, TierConfig
+from core.turns import ChatBackend, Message
 
 # ---------------------------------------------------------------- chat
 
@@ -67,7 +68,7 @@ class ChatModel(Protocol):
         """Tokens of a prompt, with the BOS token the model expects and special tokens parsed."""
         ...
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None) -> str:
+    def render_chat(self, messages: Sequence[Message]) -> str:
         """The prompt text for a conversation, ending with the assistant's generation prompt."""
         ...
 
@@ -118,7 +119,6 @@ class Reranker(Protocol):
     requests with different queries can be micro-batched into one forward pass.
     """
 
-    kind: str  # "cross-encoder", "flag-reranker", "llamacpp-rank", "similarity"
     scores_are_logits: bool  # True: sigmoid maps to [0, 1]; False: cosine similarities in [-1, 1]
     max_input_tokens: int
 
@@ -134,4 +134,7 @@ class Reranker(Protocol):
 # A factory loads the model of a tier; it is called on the model's owner thread and returns a
 # ChatModel, Embedder or Reranker. Keys are "kind:backend", e.g. "chat:llamacpp". The settings let a
 # tier read another tier's config (the similarity reranker loads the embedding tier's model).
-Factory = Callable[[TierConfig, Settings], Any]
+# A key "turns:backend" names instead a chat backend that serves whole turns itself (an upstream
+# server): it is called on the event loop, returns a `ChatBackend` at once and needs no owner thread.
+LoadedModel = ChatModel | Embedder | Reranker
+Factory = Callable[[TierConfig, Settings], LoadedModel] | Callable[[TierConfig, Settings], ChatBackend]

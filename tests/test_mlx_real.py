@@ -13,7 +13,9 @@ import pytest
 
 from config import load_settings
 from server import create_app
-from tests.conftest import LiveServer, wait_until
+from tests.budgets import schema_budget
+from tests.conftest import LiveServer
+from tests.waiting import DEADLINE_S, wait_for
 
 pytestmark = pytest.mark.real
 
@@ -36,24 +38,28 @@ def chat_body(content: str, **extra: Any) -> dict[str, Any]:
 
 
 def test_mlx_backend_is_inferred_and_chats(mlx_server: LiveServer) -> None:
-    assert mlx_server.app.state.settings.tiers["medium"].backend == "mlx"
+    assert mlx_server.app.state.llm.settings.tiers["medium"].backend == "mlx"
     response = httpx.post(
-        mlx_server.url + "/v1/chat/completions", json=chat_body("hello world", max_tokens=8, temperature=0), timeout=60
+        mlx_server.url + "/v1/chat/completions",
+        json=chat_body("hello world", max_tokens=8, temperature=0),
+        timeout=DEADLINE_S,
     )
     assert response.status_code == 200, response.text
     data = response.json()
-    assert isinstance(data["choices"][0]["message"]["content"], str)
+    assert isinstance(data["choices"][0]["message"]["content"], str)  # not null: no tool call was offered
     assert data["usage"]["completion_tokens"] <= 8
-    model = mlx_server.app.state.manager.tiers["medium"].worker.model
-    prompt = model.render_chat([{"role": "user", "content": "hello world"}], None)
+    assert data["choices"][0]["finish_reason"] == ("length" if data["usage"]["completion_tokens"] == 8 else "stop")
+    model = mlx_server.app.state.llm.manager.tiers["medium"].worker.scheduler.model
+    prompt = model.render_chat([{"role": "user", "content": "hello world"}])
     assert prompt == "<s><|user|>hello world</s><|assistant|>"
     assert data["usage"]["prompt_tokens"] == len(model.tokenize(prompt))
 
 
 def test_mlx_streaming_matches_non_streaming(mlx_server: LiveServer) -> None:
     body = chat_body("the quick brown fox", max_tokens=10, temperature=0)
-    plain = httpx.post(mlx_server.url + "/v1/chat/completions", json=body, timeout=60).json()
-    with httpx.stream("POST", mlx_server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+    url = mlx_server.url + "/v1/chat/completions"
+    plain = httpx.post(url, json=body, timeout=DEADLINE_S).json()
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=DEADLINE_S) as r:
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -64,7 +70,7 @@ def test_mlx_streaming_matches_non_streaming(mlx_server: LiveServer) -> None:
 
 def test_mlx_concurrent_streams_each_get_their_budget(mlx_server: LiveServer) -> None:
     async def run() -> list[dict[str, Any]]:
-        async with httpx.AsyncClient(base_url=mlx_server.url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=mlx_server.url, timeout=DEADLINE_S) as client:
             bodies = [chat_body(f"hello {i}", max_tokens=3 + i, temperature=0) for i in range(4)]
             responses = await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
             return [r.json() for r in responses]
@@ -77,14 +83,14 @@ def test_mlx_concurrent_streams_each_get_their_budget(mlx_server: LiveServer) ->
 
 def test_mlx_disconnect_frees_the_sequence(mlx_server: LiveServer) -> None:
     body = chat_body("hello", max_tokens=400, stream=True)
-    with httpx.stream("POST", mlx_server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", mlx_server.url + "/v1/chat/completions", json=body, timeout=DEADLINE_S) as response:
         for line in response.iter_lines():
-            if line.startswith("data: "):
-                break
-        worker = mlx_server.app.state.manager.tiers["medium"].worker
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break  # text: the sequence is generating (the role chunk may come before it starts)
+        worker = mlx_server.app.state.llm.manager.tiers["medium"].worker.scheduler
         jobs = [job for job, _ in list(worker.model._jobs.values())]
         assert len(jobs) == 1
-    assert wait_until(lambda: worker.active == 0 and not worker.model._jobs)
+    wait_for(lambda: worker.active == 0 and not worker.model._jobs, "the sequence freed after the disconnect")
     assert jobs[0].cancelled.is_set()
     assert jobs[0].completion_tokens < 400
 
@@ -103,9 +109,10 @@ def test_mlx_json_schema_is_enforced(mlx_server: LiveServer) -> None:
         "additionalProperties": False,
     }
     response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    budget = schema_budget({"word": "", "n": 0}, 5)  # random sampling: any characters, any tokens
     for seed in range(3):
-        body = chat_body("hello", max_tokens=60, temperature=1.0, seed=seed, response_format=response_format)
-        data = httpx.post(mlx_server.url + "/v1/chat/completions", json=body, timeout=60).json()
+        body = chat_body("hello", max_tokens=budget, temperature=1.0, seed=seed, response_format=response_format)
+        data = httpx.post(mlx_server.url + "/v1/chat/completions", json=body, timeout=DEADLINE_S).json()
         choice = data["choices"][0]
         assert choice["finish_reason"] == "stop", choice
         jsonschema.validate(json.loads(choice["message"]["content"]), schema)

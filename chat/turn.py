@@ -1,0 +1,73 @@
+"""The chat-turn seam: one place owns a chat or completion turn.
+
+`open_turn` is what a route calls. It looks the turn up in the response cache (a hit replays the
+recorded events and loads nothing), else leases the tier and starts the turn on its `ChatBackend`,
+records the events for the cache, and shapes tool calls. The local backend (chat/local.py) renders,
+tokenizes and submits to a token engine; a backend that speaks OpenAI to an upstream server
+implements the same `start_turn` and skips all of that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cache import ResponseCache
+from chat import recording, tools
+from config import TierConfig
+from core.events import Event
+from core.turns import ChatBackend, Choice, Turn, TurnRequest
+
+if TYPE_CHECKING:  # the manager imports the local backend; the turn only leases through it
+    from model_manager import ModelManager
+
+
+async def open_turn(
+    manager: ModelManager,
+    cache: ResponseCache | None,
+    tier: TierConfig,
+    endpoint: str,
+    request: TurnRequest,
+    policy: recording.CachePolicy,
+) -> Turn:
+    """Start `request` on `tier` (or replay it from the cache). The caller must `aclose()` the turn."""
+    entry = await recording.lookup(cache, endpoint, tier, request, policy)
+    if entry.hit is not None:
+        replayed = recording.replay(entry.hit)
+        replayed.choices = _shaped(replayed.choices, request)
+        return replayed
+    stack = contextlib.AsyncExitStack()
+    try:
+        backend: ChatBackend = await stack.enter_async_context(manager.lease(tier.name))
+        started = await backend.start_turn(request)
+    except BaseException:
+        await stack.aclose()
+        raise
+    choices = recording.record(started.choices, entry, started.prompt_tokens)
+    turn = Turn(_shaped(choices, request), started.prompt_tokens, entry.status, False)
+    turn.closers.append(started.aclose)
+    turn.closers.append(stack.aclose)
+    return turn
+
+
+def _shaped(choices: Sequence[Choice], request: TurnRequest) -> list[Choice]:
+    plan = request.tools
+    if plan is None:
+        return list(choices)
+    return [_Mapped(choice, lambda events: tools.shape_calls(events, plan, not request.stream)) for choice in choices]
+
+
+@dataclass
+class _Mapped:
+    """A choice whose events pass through a transformation (tool-call shaping)."""
+
+    inner: Choice
+    transform: Callable[[AsyncIterator[Event]], AsyncIterator[Event]]
+
+    def events(self) -> AsyncIterator[Event]:
+        return self.transform(self.inner.events())
+
+    def cancel(self) -> None:
+        self.inner.cancel()

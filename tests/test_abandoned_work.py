@@ -1,0 +1,55 @@
+"""Abandoned work stops: a request's choices live and die together, and a non-streamed request
+whose client leaves is cancelled at once (streams are covered in test_concurrency.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+from config import load_settings
+from server import create_app
+from tests.conftest import FAKE_ENV, LiveServer
+from tests.fakes import FakeRegistry
+from tests.waiting import wait_for
+
+FOREVER = 100_000  # max_tokens no fake reply reaches before the test ends
+
+
+def raw_post(port: int, path: str, body: dict[str, Any]) -> socket.socket:
+    """Send a request and leave the response unread (the caller closes the socket to disconnect)."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(data)}\r\n\r\n"
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+def test_a_non_streamed_request_whose_client_leaves_is_cancelled() -> None:
+    registry = FakeRegistry()
+    with LiveServer(create_app(load_settings(FAKE_ENV), factories=registry.factories())) as live:
+        body = {"model": "light", "messages": [{"role": "user", "content": "ENDLESS"}], "max_tokens": FOREVER}
+        sock = raw_post(live.port, "/v1/chat/completions", body)
+        model = wait_for(lambda: registry.models.get("light"), "the light model loaded")
+        job = wait_for(lambda: model.inserted and model.inserted[-1], "the request's sequence started")
+        sock.close()
+        wait_for(job.cancelled.is_set, "the cancel after the client left")
+        wait_for(lambda: job in model.removed, "the sequence removed")
+        scheduler = live.app.state.llm.manager.tiers["light"].worker.scheduler
+        wait_for(lambda: scheduler.active == 0, "no active sequence")
+        assert job.completion_tokens < FOREVER
+
+
+def test_choices_queued_before_one_is_refused_are_cancelled(make_client: Any, fake_registry: FakeRegistry) -> None:
+    # Two sequence slots and no queue: the third of four choices is refused with 503.
+    client = make_client({**FAKE_ENV, "LIGHT_MAX_QUEUE": "0"})
+    body = {"model": "light", "prompt": "ENDLESS", "n": 4, "max_tokens": FOREVER}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "overloaded"
+    scheduler = client.app.state.llm.manager.tiers["light"].worker.scheduler
+    wait_for(lambda: scheduler.active == 0 and scheduler.queued == 0, "the queued choices dropped")
+    model = fake_registry.models["light"]
+    assert all(job.cancelled.is_set() for job in model.inserted)
+    assert all(job.completion_tokens < FOREVER for job in model.inserted)
