@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from cache import ResponseCache
+from api.state import app_state
 from core.errors import NotFound
 from model_manager import ModelManager
 
@@ -23,7 +23,7 @@ router = APIRouter(prefix="/admin")
 
 
 def _manager(request: Request) -> ModelManager:
-    return request.app.state.manager
+    return app_state(request).manager
 
 
 def _tier(request: Request, tier: str) -> str:
@@ -36,11 +36,10 @@ def _tier(request: Request, tier: str) -> str:
 
 @router.get("/status")
 async def admin_status(request: Request) -> dict[str, Any]:
-    manager = _manager(request)
-    cache: ResponseCache = request.app.state.cache
-    activity = request.app.state.activity
+    state = app_state(request)
+    manager, activity = state.manager, state.activity
     return {
-        "uptime_seconds": round(time.time() - request.app.state.started, 1),
+        "uptime_seconds": round(time.time() - state.started, 1),
         "draining": activity.draining,
         "requests_in_flight": activity.in_flight,
         "memory": {
@@ -48,7 +47,7 @@ async def admin_status(request: Request) -> dict[str, Any]:
             "reserved_bytes": manager.used_bytes,
         },
         "tiers": {name: manager.detailed_status(name) for name in manager.tiers},
-        "cache": cache.stats(),
+        "cache": state.cache.stats(),
     }
 
 
@@ -71,11 +70,10 @@ async def unload_tier(tier: str, request: Request, force: bool = False) -> dict[
 
 @router.get("/cache")
 async def cache_stats(request: Request) -> dict[str, Any]:
-    cache: ResponseCache = request.app.state.cache
-    return cache.stats()
+    return app_state(request).cache.stats()
 
 
 @router.delete("/cache")
 async def clear_cache(request: Request) -> dict[str, Any]:
-    cache: ResponseCache = request.app.state.cache
+    cache = app_state(request).cache
     return {**await cache.clear(), **cache.stats()}

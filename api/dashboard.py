@@ -19,6 +19,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
+from api.state import app_state
+
 log = logging.getLogger("llmservice.dashboard")
 PAGE = Path(__file__).resolve().parent.parent / "static" / "admin.html"
 FEATURES_MARK = "/*FEATURES*/{}"
@@ -61,12 +63,13 @@ def features(request: Request) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - a schema problem must not take the dashboard down
         log.exception("could not build the OpenAPI schema; the dashboard assumes chat only")
         paths = {"/metrics", "/v1/chat/completions"}
-    keyed = bool(request.app.state.settings.api_keys)
+    settings = app_state(request).settings
+    keyed = bool(settings.api_keys)
     return {
         "routes": [p for p in (*PROBED, *PROBED_V1) if p in paths],
         "auth_required": keyed,
         # The page is public; with keys, the configured tiers are shown only once a key works.
-        "tiers": [] if keyed else list(request.app.state.settings.tiers),
+        "tiers": [] if keyed else list(settings.tiers),
     }
 
 

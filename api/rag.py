@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse
 
 from api import cache_lookup
 from api.schemas import EmbeddingRequest, RerankRequest, TeiEmbedRequest
-from config import Settings, TierConfig
+from api.state import app_state
+from config import TierConfig
 from core import routing
 from core.errors import InvalidRequest
 from middleware import request_context
@@ -47,7 +48,7 @@ class Embedded:
 
 
 def _resolve(request: Request, model: str, kind: str) -> TierConfig:
-    settings: Settings = request.app.state.settings
+    settings = app_state(request).settings
     tier = routing.resolve(model, kind, settings).tier
     request_context.note_tier(tier)  # metrics and the access log are per tier
     return settings.tiers[tier]
@@ -109,7 +110,7 @@ async def embed_texts(
     want = dimensions if dimensions is not None else tier.embedding_dimension
 
     async def compute(missing: list[str]) -> list[dict[str, Any]]:
-        async with request.app.state.manager.lease(tier.name) as worker:
+        async with app_state(request).manager.lease(tier.name) as worker:
             _check_dimensions(want, int(worker.model.dimension))
             future = worker.submit_batch(("embed", types, truncate), missing, _embed_run(types, truncate))
             rows: list[Embedded] = await asyncio.wrap_future(future)
@@ -279,7 +280,7 @@ async def rerank_core(request: Request, body: RerankRequest) -> tuple[list[Ranke
         )
 
     async def compute() -> dict[str, Any]:
-        async with request.app.state.manager.lease(tier.name) as worker:
+        async with app_state(request).manager.lease(tier.name) as worker:
             pairs = [(body.query, text) for text in texts]
             future = worker.submit_batch(("rerank", body.truncate), pairs, _rerank_run(body.truncate))
             rows: list[tuple[float, int, int]] = await asyncio.wrap_future(future)

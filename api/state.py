@@ -1,19 +1,20 @@
-"""The application's state, typed: what every route and middleware may read from `app.state.llm`."""
+"""The application's state, typed: what every route reads from `app.state.llm` through `app_state`.
+
+Middleware gets what it needs when it is added, and ops reads `app.state.llm` itself, so neither
+imports this module (it imports them).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
 from cache import ResponseCache
 from config import Settings
+from middleware.activity import Activity
 from model_manager import ModelManager
-
-if TYPE_CHECKING:
-    from ops.lifecycle import Activity
-    from ops.metrics import Metrics
+from ops.metrics import Metrics
 
 
 @dataclass

@@ -13,20 +13,16 @@ with the tasks that stream the response body, so a stream's numbers arrive befor
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import ServiceError
-
-if TYPE_CHECKING:
-    from ops.metrics import Metrics
+from middleware.envelope import send_error
+from middleware.request_info import RequestInfo, RequestObserver
 
 access_log = logging.getLogger("llmservice.access")
 log = logging.getLogger("llmservice")
@@ -34,32 +30,6 @@ HEADER = "x-request-id"
 # A client-supplied id is kept only if it is short and plain (it goes into logs and headers).
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_CLOSED = 499  # nginx's status for a request whose client left before any response
-
-
-@dataclass
-class RequestInfo:
-    """What is known about one request; routes fill it in, the middleware reads it at the end."""
-
-    request_id: str
-    started: float  # time.monotonic() when the request arrived
-    tier: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    compute_seconds: float = 0.0  # time spent generating (from the scheduler), summed over choices
-    first_token_at: float = 0.0  # time.monotonic() of the first generated text
-    cache_hits: int = 0
-    cache_misses: int = 0
-    cache_noted: bool = False
-
-    @property
-    def ttft(self) -> float | None:
-        return self.first_token_at - self.started if self.first_token_at else None
-
-    @property
-    def tokens_per_second(self) -> float | None:
-        if self.completion_tokens <= 0 or self.compute_seconds <= 0:
-            return None
-        return self.completion_tokens / self.compute_seconds
 
 
 _current: contextvars.ContextVar[RequestInfo | None] = contextvars.ContextVar("llmservice_request", default=None)
@@ -168,7 +138,7 @@ def endpoint_label(scope: Scope) -> str:
 class RequestContext:
     """Request id, access log and request metrics around everything else."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics | None = None) -> None:
+    def __init__(self, app: ASGIApp, metrics: RequestObserver | None = None) -> None:
         self.app = app
         self.metrics = metrics
 
@@ -198,7 +168,7 @@ class RequestContext:
         except Exception:  # noqa: BLE001 - the last line of defence: an envelope with the id, never a trace
             log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
             if not started_response:
-                await _send_internal_error(send_with_id)
+                await send_error(ServiceError("The server hit an internal error"), scope, receive, send_with_id)
         finally:
             self._finish(scope, info, status, headers)
             _current.reset(token)
@@ -234,20 +204,3 @@ def _access_line(scope: Scope, status: int, duration: float, tier: str, info: Re
     if info.cache_hits or info.cache_misses:
         parts.append(f"cache_hits={info.cache_hits} cache_misses={info.cache_misses}")
     return " ".join(parts)
-
-
-async def _send_internal_error(send: Send) -> None:
-    body = json.dumps(ServiceError("The server hit an internal error").body()).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 500,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-def install(app: Any, metrics: Metrics | None) -> None:
-    """Add as the outermost middleware (call after every other `add_middleware`)."""
-    app.add_middleware(RequestContext, metrics=metrics)

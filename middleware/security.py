@@ -1,6 +1,6 @@
 """Exposure controls: bearer API keys, a Host-header allowlist (DNS rebinding) and CORS.
 
-`install(app, settings)` adds them in this order, outermost first: Host allowlist, CORS, auth. CORS
+`middleware.stack.install` adds them in this order, outermost first: Host allowlist, CORS, auth. CORS
 sits outside auth so that preflights (which never carry credentials) are answered, and so that a
 401 still carries the CORS headers a browser needs to read it. Refusing a non-loopback `HOST`
 without keys happens earlier, in `config.load_settings`.
@@ -17,11 +17,11 @@ from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from config import Settings
-from core.errors import InvalidRequest, ServiceError, Unauthorized
+from core.errors import InvalidRequest, Unauthorized
+from middleware.envelope import error_response, send_error
 
 # Paths served without a key: the health probe, and the dashboard's static page (a browser cannot
 # attach a bearer header to a navigation; the page itself asks for the key and sends it on every call).
@@ -33,10 +33,6 @@ CORS_EXPOSE_HEADERS = ("X-Request-Id", "X-Tier", "X-Tier-Fallback", "X-Cache", "
 
 class HostNotAllowed(InvalidRequest):
     code = "host_not_allowed"
-
-
-async def _send_error(exc: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
-    await JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)(scope, receive, send)
 
 
 # ---------------------------------------------------------------- API keys
@@ -77,14 +73,14 @@ class BearerAuth:
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                 headers={"WWW-Authenticate": 'Bearer realm="llmservice"'},
             )
-            await _send_error(error, scope, receive, send)
+            await send_error(error, scope, receive, send)
             return
         if not key_matches(token, self.keys):
             error = Unauthorized(
                 "Incorrect API key provided.",
                 headers={"WWW-Authenticate": 'Bearer realm="llmservice", error="invalid_token"'},
             )
-            await _send_error(error, scope, receive, send)
+            await send_error(error, scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -140,7 +136,7 @@ class HostAllowlist:
             header = Headers(scope=scope).get("host", "")
             if not host_allowed(header, self.allowed):
                 shown = json.dumps(host_name(header)[:100])
-                await _send_error(
+                await send_error(
                     HostNotAllowed(f"Host {shown} is not allowed; add it to ALLOWED_HOSTS", param="Host"),
                     scope,
                     receive,
@@ -163,7 +159,7 @@ class EnvelopeCORS(CORSMiddleware):
         error = InvalidRequest(response.body.decode(errors="replace"), param="Origin")
         error.code = "cors_rejected"
         headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
-        return JSONResponse(error.body(), status_code=400, headers=headers)
+        return error_response(error, extra_headers=headers)
 
 
 def cors_options(origins: tuple[str, ...]) -> dict[str, Any]:
@@ -177,12 +173,3 @@ def cors_options(origins: tuple[str, ...]) -> dict[str, Any]:
         "allow_private_network": not allow_all,
         "expose_headers": list(CORS_EXPOSE_HEADERS),
     }
-
-
-def install(app: Any, settings: Settings) -> None:
-    """Add auth, CORS and the Host allowlist (call before `request_context.install`)."""
-    if settings.api_keys:
-        app.add_middleware(BearerAuth, keys=settings.api_keys)
-    if settings.cors_origins:
-        app.add_middleware(EnvelopeCORS, **cors_options(settings.cors_origins))
-    app.add_middleware(HostAllowlist, allowed=(*settings.allowed_hosts, settings.host))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import os
 import signal
@@ -27,95 +26,21 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.applications import Starlette
 
 from config import Settings
-from core.errors import ShuttingDown
+from middleware.activity import Activity
+from model_manager import ModelManager
 
 log = logging.getLogger("llmservice.lifecycle")
 PORT_SEARCH = 100  # how many ports above PORT to try when it is taken
 PORT_FILE_WAIT = 30.0  # seconds a second instance waits for the first one's .port to name it
 CANCEL_GRACE = 5.0  # seconds cancelled requests get to send their last event after the drain deadline
-# Reads by monitors (health checks, scrapers, the dashboard) do not count as activity for the idle
-# shutdown: a supervisor polling /health must not keep an unused server alive forever.
-MONITORING_PATHS = frozenset({"/health", "/metrics", "/admin", "/admin/status", "/admin/cache"})
 
 
-# ---------------------------------------------------------------- request activity
-
-
-class Activity:
-    """Requests in flight (counted until the response's last byte), last activity, draining flag."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.in_flight = 0
-        self.last_activity = clock()
-        self.draining = False
-        self._idle: asyncio.Event | None = None
-
-    def _idle_event(self) -> asyncio.Event:
-        if self._idle is None:
-            self._idle = asyncio.Event()
-            if self.in_flight == 0:
-                self._idle.set()
-        return self._idle
-
-    def begin(self, active: bool = True) -> None:
-        """A request starts; `active=False` (a monitoring read) leaves the idle clock alone."""
-        self.in_flight += 1
-        if active:
-            self.last_activity = self.clock()
-        self._idle_event().clear()
-
-    def end(self, active: bool = True) -> None:
-        self.in_flight -= 1
-        if active:
-            self.last_activity = self.clock()
-        if self.in_flight == 0:
-            self._idle_event().set()
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """True when nothing is in flight within `timeout` seconds."""
-        try:
-            await asyncio.wait_for(self._idle_event().wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-
-class ActivityTracker:
-    """ASGI middleware: counts HTTP requests in flight; answers 503 to new ones while draining."""
-
-    def __init__(self, app: ASGIApp, activity: Activity) -> None:
-        self.app = app
-        self.activity = activity
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if self.activity.draining:
-            await _refuse(send)
-            return
-        active = not (scope.get("method") == "GET" and scope.get("path") in MONITORING_PATHS)
-        self.activity.begin(active)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.activity.end(active)
-
-
-async def _refuse(send: Send) -> None:
-    error = ShuttingDown("The server is shutting down", retry_after=5)
-    body = json.dumps(error.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+# ---------------------------------------------------------------- inactivity
 
 
 async def watch_inactivity(activity: Activity, timeout: float, on_idle: Callable[[], None], poll: float = 1.0) -> None:
@@ -217,7 +142,7 @@ def wait_for_port_file(path: str, timeout: float = PORT_FILE_WAIT) -> int | None
 class DrainingServer:
     """uvicorn's Server with a drain before exit, started by a signal or by inactivity."""
 
-    def __init__(self, app: Any, settings: Settings) -> None:
+    def __init__(self, app: Starlette, settings: Settings) -> None:
         import uvicorn
 
         class _Server(uvicorn.Server):
@@ -236,7 +161,10 @@ class DrainingServer:
             access_log=False,
         )
         self.server = _Server(config)
-        self.app = app
+        # ops sits beside api and does not import it (api.state imports ops), so the typed state is
+        # read here, once, into typed fields.
+        self.activity: Activity = app.state.llm.activity
+        self.manager: ModelManager = app.state.llm.manager
         self.settings = settings
         self.reason = ""
         self._drain: asyncio.Future[None] | None = None
@@ -253,20 +181,20 @@ class DrainingServer:
         self.reason = self.reason or reason
 
     async def drain(self) -> None:
-        activity: Activity = self.app.state.activity
+        activity = self.activity
         activity.draining = True
         timeout = self.settings.drain_timeout
         log.info("draining (%s): %d request(s) in flight, up to %.0fs", self.reason, activity.in_flight, timeout)
         if not await activity.wait_idle(timeout):
             log.warning("drain deadline passed: cancelling %d request(s)", activity.in_flight)
-            await self.app.state.manager.close()
+            await self.manager.close()
             await activity.wait_idle(CANCEL_GRACE)
         self.server.should_exit = True
 
     async def serve(self, sock: socket.socket, port: int) -> None:
         watcher = None
         if self.settings.shutdown_timeout > 0:
-            activity = self.app.state.activity
+            activity = self.activity
             on_idle = lambda: self.request_exit("inactivity")  # noqa: E731
             watcher = asyncio.ensure_future(watch_inactivity(activity, self.settings.shutdown_timeout, on_idle))
         write_port_file(self.settings.port_file, port)
@@ -295,7 +223,7 @@ def single_instance(port_file: str) -> Iterator[bool]:
             lock.close()
 
 
-def serve(app: Any, settings: Settings, run: Callable[[Awaitable[None]], None] = asyncio.run) -> int:
+def serve(app: Starlette, settings: Settings, run: Callable[[Awaitable[None]], None] = asyncio.run) -> int:
     """Serve until drained; 0 on a clean exit, 1 when another instance already serves `PORT_FILE`
     or no port could be bound."""
     with single_instance(settings.port_file) as alone:

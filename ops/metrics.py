@@ -24,8 +24,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from middleware.request_info import RequestInfo
+
 if TYPE_CHECKING:
-    from middleware.request_context import RequestInfo
     from model_manager import ModelManager
 
 PREFIX = "llmservice"
@@ -103,17 +104,16 @@ class Metrics:
 def _memory(status: dict[str, Any], model_path: str) -> tuple[float, str] | None:
     """A loaded tier's memory in bytes and where the number comes from.
 
-    The lifecycle manager reports `memory: {"estimated_bytes", "rss_delta_bytes"}`; flat
-    `memory_bytes` / `memory_gb` are read too; else the model file's size stands in.
+    The lifecycle manager reports `memory: {"estimated_bytes", "rss_delta_bytes"}`; a flat
+    `memory_bytes` is read too; else the model file's size stands in.
     """
     nested = status.get("memory")
     if isinstance(nested, dict):
         for key, source in (("estimated_bytes", "estimate"), ("rss_delta_bytes", "rss_delta")):
             if isinstance(nested.get(key), int | float) and nested[key] > 0:
                 return float(nested[key]), source
-    for key, scale in (("memory_bytes", 1.0), ("memory_mb", 2.0**20), ("memory_gb", 2.0**30)):
-        if isinstance(status.get(key), int | float):
-            return float(status[key]) * scale, "estimate"
+    if isinstance(status.get("memory_bytes"), int | float):
+        return float(status["memory_bytes"]), "estimate"
     if model_path and os.path.isfile(model_path):
         return float(os.path.getsize(model_path)), "file_size"
     return None
@@ -147,7 +147,7 @@ class TierCollector(Collector):
             loaded.add_metric([name, rt.config.backend, rt.config.model_id], 1.0 if ready else 0.0)
             state.add_metric([name, str(status.get("state", "unknown"))], 1.0)
             in_flight.add_metric([name], float(status.get("in_flight", 0)))
-            queue.add_metric([name], float(status.get("queued", status.get("queue", 0)) or 0))
+            queue.add_metric([name], float(status.get("queued", 0) or 0))
             active.add_metric([name], float(status.get("active", 0) or 0))
             found = _memory(status, rt.config.model_path) if ready else None
             if found is not None:
@@ -160,5 +160,6 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics_endpoint(request: Request) -> Response:
-    metrics: Metrics = request.app.state.metrics
+    # Not `api.state.app_state`: api imports ops, so ops reads the typed state without importing api.
+    metrics: Metrics = request.app.state.llm.metrics
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -56,7 +56,7 @@ def test_concurrent_requests_equal_one_at_a_time(live_fake_server: LiveServer) -
 
 def test_full_queue_is_503_with_retry_after(gated: tuple[LiveServer, FakeRegistry]) -> None:
     live, registry = gated
-    scheduler = live.app.state.manager.tiers["light"].worker
+    scheduler = live.app.state.llm.manager.tiers["light"].worker
 
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(base_url=live.url, timeout=30) as client:
@@ -78,7 +78,7 @@ def test_full_queue_is_503_with_retry_after(gated: tuple[LiveServer, FakeRegistr
 
 def test_request_waiting_past_the_queue_timeout_is_503(gated: tuple[LiveServer, FakeRegistry]) -> None:
     live, registry = gated
-    scheduler = live.app.state.manager.tiers["light"].worker
+    scheduler = live.app.state.llm.manager.tiers["light"].worker
 
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(base_url=live.url, timeout=30) as client:
@@ -118,7 +118,7 @@ def test_disconnect_frees_the_slot_within_a_step(gated: tuple[LiveServer, FakeRe
     model.step_gate.set()
     assert wait_until(lambda: job in model.removed)
     assert job.completion_tokens <= 1
-    assert wait_until(lambda: live.app.state.manager.tiers["light"].worker.active == 0)
+    assert wait_until(lambda: live.app.state.llm.manager.tiers["light"].worker.active == 0)
 
 
 def test_drop_and_resend_a_hundred_times(live_fake_server: LiveServer, fake_registry: FakeRegistry) -> None:
@@ -133,6 +133,6 @@ def test_drop_and_resend_a_hundred_times(live_fake_server: LiveServer, fake_regi
                         break
         final = client.post("/v1/chat/completions", json=chat_body("still alive"))
     assert final.json()["choices"][0]["message"]["content"] == "echo: still alive"
-    worker = live_fake_server.app.state.manager.tiers["light"].worker
+    worker = live_fake_server.app.state.llm.manager.tiers["light"].worker
     assert wait_until(lambda: worker.active == 0 and worker.queued == 0)
-    assert live_fake_server.app.state.manager.tiers["light"].in_flight == 0
+    assert live_fake_server.app.state.llm.manager.tiers["light"].in_flight == 0

@@ -63,7 +63,7 @@ def gated_server() -> Iterator[tuple[LiveServer, FakeRegistry]]:
 
 def test_openai_retries_503_honouring_retry_after(gated_server: tuple[LiveServer, FakeRegistry]) -> None:
     live, registry = gated_server
-    scheduler = live.app.state.manager.tiers["light"].worker
+    scheduler = live.app.state.llm.manager.tiers["light"].worker
     busy = [
         threading.Thread(
             target=httpx.post,

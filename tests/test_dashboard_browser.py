@@ -110,8 +110,8 @@ def install_stand_in_unload(app: Any) -> bool:
 
     @app.post("/admin/tiers/{tier}/unload")
     async def unload(tier: str) -> dict[str, Any]:
-        await app.state.manager.unload(tier)
-        return {"tier": tier, **app.state.manager.status(tier)}
+        await app.state.llm.manager.unload(tier)
+        return {"tier": tier, **app.state.llm.manager.status(tier)}
 
     app.openapi_schema = None  # the page learns its routes from the schema
     return False
@@ -127,7 +127,7 @@ def dashboard_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveS
         {"EMBEDDING_MODEL_PATH": "", "RERANKER_MODEL_PATH": "", "API_KEYS": KEY, "CACHE_DIR": str(cache_dir)}
     )
     app = create_app(settings)
-    app.state.real_unload_route = install_stand_in_unload(app)
+    app.state.llm.extras["real_unload_route"] = install_stand_in_unload(app)
     with LiveServer(app) as live:
         yield live
 

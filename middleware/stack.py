@@ -1,0 +1,37 @@
+"""The whole middleware stack, added in one call so that its order is stated once.
+
+Outermost first (Starlette runs the middleware added last outermost, so `install` adds bottom-up):
+
+    RequestContext   request id, access log, request metrics; the last-resort 500 envelope
+    ActivityTracker  in flight until the last byte (idle shutdown); 503 while draining
+    HostAllowlist    DNS-rebinding guard
+    EnvelopeCORS     when CORS_ORIGINS is set; outside auth so preflights and 401s carry CORS headers
+    BearerAuth       when API_KEYS is set
+    BodyLimit        413 before a route reads an oversize body
+    (FastAPI's exception handlers, then the routes)
+
+RequestContext is outermost so that every refusal below it is logged and counted with its id.
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+
+from config import Settings
+from middleware.activity import Activity, ActivityTracker
+from middleware.body_limit import BodyLimit
+from middleware.request_context import RequestContext
+from middleware.request_info import RequestObserver
+from middleware.security import BearerAuth, EnvelopeCORS, HostAllowlist, cors_options
+
+
+def install(app: Starlette, settings: Settings, activity: Activity, metrics: RequestObserver | None) -> None:
+    """Add every middleware to `app`, innermost first."""
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_keys:
+        app.add_middleware(BearerAuth, keys=settings.api_keys)
+    if settings.cors_origins:
+        app.add_middleware(EnvelopeCORS, **cors_options(settings.cors_origins))
+    app.add_middleware(HostAllowlist, allowed=(*settings.allowed_hosts, settings.host))
+    app.add_middleware(ActivityTracker, activity=activity)
+    app.add_middleware(RequestContext, metrics=metrics)
