@@ -47,13 +47,6 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
     app = FastAPI(title="llmservice", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     state = AppState(settings, manager, cache, Activity(), metrics.Metrics(manager), started=time.time())
     app.state.llm = state
-    # The untyped attributes remain until every reader uses `app.state.llm`.
-    app.state.settings = settings
-    app.state.manager = manager
-    app.state.cache = cache
-    app.state.activity = state.activity
-    app.state.started = state.started
-    app.state.metrics = state.metrics
     install_error_handlers(app)
     stack.install(app, settings, state.activity, state.metrics)
     for prefix in ("/v1", ""):

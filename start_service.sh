@@ -22,6 +22,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON_BIN" -m venv .venv
 fi
 stamp=".venv/.installed-$(cat requirements.txt "$requirements" | sha256sum | cut -c1-16)-$requirements"
+# llama.cpp is built for this CPU (-march=native) but without AMX: some virtual machines report AMX
+# and then fault on its tile instructions ("Illegal instruction" in ggml_backend_amx_mul_mat).
+AMX_OFF="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+export CMAKE_ARGS="${CMAKE_ARGS:--DCMAKE_C_FLAGS=\"$AMX_OFF\" -DCMAKE_CXX_FLAGS=\"$AMX_OFF\"}"
 if [ ! -f "$stamp" ]; then
   echo "llmservice: installing $requirements (the first run builds llama-cpp-python from source: ~7-15 minutes)" >&2
   .venv/bin/python -m pip install --disable-pip-version-check -q -r "$requirements"
