@@ -76,7 +76,19 @@ def _decode_tokens(tokens: Sequence[int]) -> str:
     encoding = _cl100k()
     if max(tokens) >= encoding.n_vocab:
         raise InvalidRequest(f"Token id {max(tokens)} is not an OpenAI cl100k token id", param="input")
-    return encoding.decode(list(tokens))
+    try:
+        return str(encoding.decode(list(tokens)))
+    except KeyError:  # ids in the encoding's gaps (e.g. 100256) name no token
+        bad = next(t for t in tokens if _undefined(encoding, t))
+        raise InvalidRequest(f"Token id {bad} is not an OpenAI cl100k token id", param="input") from None
+
+
+def _undefined(encoding: Any, token: int) -> bool:
+    try:
+        encoding.decode([token])
+    except KeyError:
+        return True
+    return False
 
 
 def _embed_run(types: tuple[str, ...], truncate: bool) -> Any:

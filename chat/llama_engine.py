@@ -26,7 +26,7 @@ from typing import Any
 from chat import structured_output, templates
 from config import TierConfig
 from core.errors import BackendError, InvalidRequest
-from core.protocols import GenerationJob, SamplingParams, StepOutput
+from core.protocols import GenerationJob, SamplingParams, StepOutput, check_token_ids
 from core.turns import Message
 
 log = logging.getLogger("llmservice.llamacpp")
@@ -66,6 +66,19 @@ class _Sequence:
     matcher: Any = None  # llguidance matcher when the output must follow a JSON schema
     last_token: int | None = None  # sampled, not yet fed to the model
     reused_tokens: int = 0
+
+
+@dataclass
+class _Entry:
+    """One sequence's part of a decode step."""
+
+    key: int  # id(job)
+    state: _Sequence
+    tokens: list[int]
+    base: int  # the position of the first token
+    sample: bool  # logits wanted for the last token (a generated token, or the end of the prompt)
+    prefill: bool  # the tokens come from the prompt (else the last sampled token)
+    index: int = -1  # the batch index of the last token, set by _decode
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -109,6 +122,7 @@ class LlamaCppChat:
         self.context_length = int(lib.llama_n_ctx_seq(self._ctx.ctx))
         self._vocab = self._model.vocab
         self._n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        self.vocab_size = self._n_vocab
         self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
         self._slots = [_Slot(seq_id=i) for i in range(tier.parallel)]
         self._sequences: dict[int, _Sequence] = {}  # id(job) -> state, in insertion order
@@ -145,6 +159,17 @@ class LlamaCppChat:
 
     def render_chat(self, messages: Sequence[Message]) -> str:
         return templates.render(self._template, messages, bos_token=self._bos_text, eos_token=self._eos_text)
+
+    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
+        segments = templates.render_segments(
+            self._template, messages, bos_token=self._bos_text, eos_token=self._eos_text
+        )
+        first = segments[0][0] if segments else ""
+        add_bos = self._model.add_bos_token() and not (self._bos_text and first.startswith(self._bos_text))
+        tokens: list[int] = []
+        for i, (text, special) in enumerate(segments):
+            tokens += self._model.tokenize(text.encode("utf-8"), add_bos=add_bos and i == 0, special=special)
+        return tokens
 
     def _piece_bytes(self, token: int) -> bytes:
         n = self._lib.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
@@ -223,9 +248,10 @@ class LlamaCppChat:
         free = [slot for slot in self._slots if not slot.busy]
         if not free:
             raise BackendError("no free sequence slot")
+        prompt = job.prompt_tokens
+        check_token_ids(prompt, self._n_vocab)  # an unknown id would fail the whole batch's decode
         matcher = self._make_matcher(job.params)  # both may refuse the request: before any KV change
         sampler = self._make_sampler(job.params)
-        prompt = job.prompt_tokens
         slot = max(free, key=lambda s: common_prefix(s.cached, prompt))
         reuse = min(common_prefix(slot.cached, prompt), len(prompt) - 1)  # the last prompt token gives logits
         if reuse <= 0 or not self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1):
@@ -261,52 +287,87 @@ class LlamaCppChat:
         batch.logits[index] = logits
 
     def step(self) -> list[StepOutput]:
-        lib = self._lib
-        n = 0
-        sample_at: list[tuple[int, int]] = []  # (job id, batch index)
-        # One pass in sequence-id order: with one KV stream per sequence, llama.cpp splits a batch whose
-        # sequences are out of order into more micro-batches (measured ~17% slower once prefix reuse had
-        # reassigned slots). Generating sequences always get their token; prefill chunks share the rest
-        # of the batch, so a long prompt never stalls the others.
+        entries = self._plan()
+        if not entries:
+            return []
+        if self._decode(entries):
+            return self._sample(entries)
+        if len(entries) == 1:
+            return [self._failed(entries[0])]
+        # A failed batch must cost only the sequence that caused it: undo it, then decode each alone.
+        for entry in reversed(entries):
+            self._undo(entry)
+        outputs: list[StepOutput] = []
+        for entry in entries:
+            outputs.extend(self._sample([entry]) if self._decode([entry]) else [self._failed(entry)])
+        return outputs
+
+    def _plan(self) -> list[_Entry]:
+        """This step's tokens per sequence, in sequence-id order: with one KV stream per sequence,
+        llama.cpp splits a batch whose sequences are out of order into more micro-batches (measured ~17%
+        slower once prefix reuse had reassigned slots). Generating sequences always get their token;
+        prefill chunks share the rest of the batch, so a long prompt never stalls the others."""
         ordered = sorted(self._sequences.items(), key=lambda item: item[1].slot.seq_id)
         prefill_budget = self._n_batch - sum(1 for _, s in ordered if not s.pending and s.last_token is not None)
+        entries: list[_Entry] = []
         for key, state in ordered:
-            seq_id = state.slot.seq_id
             if not state.pending:
-                if state.last_token is None:
-                    continue
-                self._add(n, state.last_token, len(state.slot.cached), seq_id, True)
-                state.slot.cached.append(state.last_token)
-                state.last_token = None
-                sample_at.append((key, n))
-                n += 1
+                if state.last_token is not None:
+                    entries.append(_Entry(key, state, [state.last_token], len(state.slot.cached), True, False))
                 continue
             if prefill_budget <= 0:
                 continue
             chunk = state.pending[:prefill_budget]
             prefill_budget -= len(chunk)
-            base = len(state.slot.cached)
-            done = len(chunk) == len(state.pending)
-            for k, token in enumerate(chunk):
-                self._add(n, token, base + k, seq_id, done and k == len(chunk) - 1)
+            entries.append(_Entry(key, state, chunk, len(state.slot.cached), len(chunk) == len(state.pending), True))
+        return entries
+
+    def _decode(self, entries: list[_Entry]) -> bool:
+        """Fill the batch with the entries' tokens and decode it; the sequences' state moves on."""
+        n = 0
+        for entry in entries:
+            state = entry.state
+            for k, token in enumerate(entry.tokens):
+                self._add(n, token, entry.base + k, state.slot.seq_id, entry.sample and k == len(entry.tokens) - 1)
                 n += 1
-            state.slot.cached.extend(chunk)
-            state.pending = state.pending[len(chunk) :]
-            if done:
-                sample_at.append((key, n - 1))
-        if n == 0:
-            return []
-        self._batch.n_tokens = n
-        rc = lib.llama_decode(self._ctx.ctx, self._batch)
-        if rc != 0:
-            raise BackendError(f"llama_decode failed with status {rc}")
-        outputs: list[StepOutput] = []
-        for key, index in sample_at:
-            state = self._sequences[key]
-            if state.matcher is None:
-                token = lib.llama_sampler_sample(state.sampler, self._ctx.ctx, index)
+            entry.index = n - 1
+            state.slot.cached.extend(entry.tokens)
+            if entry.prefill:
+                state.pending = state.pending[len(entry.tokens) :]
             else:
-                token = self._sample_constrained(state, index)
+                state.last_token = None
+        self._batch.n_tokens = n
+        rc = self._lib.llama_decode(self._ctx.ctx, self._batch)
+        if rc != 0:
+            log.warning("llama_decode failed with status %d (%d sequences in the batch)", rc, len(entries))
+        return rc == 0
+
+    def _undo(self, entry: _Entry) -> None:
+        """Put a sequence back as it was before `_decode`, its KV cells for the batch dropped."""
+        state = entry.state
+        del state.slot.cached[entry.base :]
+        if entry.prefill:
+            state.pending = entry.tokens + state.pending
+        else:
+            state.last_token = entry.tokens[0]
+        self._lib.llama_memory_seq_rm(self._memory, state.slot.seq_id, entry.base, -1)
+
+    def _failed(self, entry: _Entry) -> StepOutput:
+        self._undo(entry)
+        error = BackendError("The model failed to decode this request's tokens")
+        return StepOutput(entry.state.job, "", -1, True, error=error)
+
+    def _sample(self, entries: list[_Entry]) -> list[StepOutput]:
+        lib = self._lib
+        outputs: list[StepOutput] = []
+        for entry in entries:
+            if not entry.sample:
+                continue
+            state = entry.state
+            if state.matcher is None:
+                token = lib.llama_sampler_sample(state.sampler, self._ctx.ctx, entry.index)
+            else:
+                token = self._sample_constrained(state, entry.index)
             job = state.job
             if lib.llama_vocab_is_eog(self._vocab, token):
                 outputs.append(StepOutput(job, "", token, True))

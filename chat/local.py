@@ -16,7 +16,7 @@ from chat.scheduler import ChatScheduler
 from config import TierConfig
 from core.errors import ContextLengthExceeded, InvalidRequest, RequestCancelled
 from core.events import DoneEvent, EngineEvent, ErrorEvent, Event, TextEvent
-from core.protocols import ChatModel, GenerationJob, SamplingParams
+from core.protocols import ChatModel, GenerationJob, SamplingParams, check_token_ids
 from core.turns import Choice, Prompt, SamplingRequest, Turn, TurnRequest
 
 STOPPED_BY_SERVER = "The request was stopped by the server (tier unloaded or shutting down)"
@@ -40,9 +40,12 @@ class LocalChat:
         model: ChatModel = self.scheduler.model
         if request.kind == "chat":
             messages = tools.prepare_messages(request.messages, request.tools)
-            prompts = [await asyncio.to_thread(lambda: model.tokenize(model.render_chat(messages)))]
+            prompts = [await asyncio.to_thread(model.chat_tokens, messages)]
             counted = len(prompts[0])
         else:
+            for prompt in request.prompts:  # ids given by the client: refused before any is queued
+                if not isinstance(prompt, str):
+                    check_token_ids(prompt, model.vocab_size)
             prompts = await asyncio.to_thread(_tokenize_prompts, model, request.prompts)
             counted = sum(len(p) for p in prompts) * request.n
         room = min(check_context(len(p), model.context_length) for p in prompts)

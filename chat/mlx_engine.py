@@ -13,7 +13,7 @@ from typing import Any
 
 from chat import structured_output, templates
 from config import TierConfig
-from core.protocols import GenerationJob, SamplingParams, StepOutput
+from core.protocols import GenerationJob, SamplingParams, StepOutput, check_token_ids
 from core.turns import Message
 
 
@@ -49,11 +49,24 @@ class MlxChat:
         self._bos_text = hf_tokenizer.bos_token or ""
         self._eos_text = hf_tokenizer.eos_token or ""
         self._hf = hf_tokenizer
+        self.vocab_size = int(getattr(getattr(self._model, "args", None), "vocab_size", 0) or len(hf_tokenizer))
         self._jobs: dict[int, tuple[GenerationJob, Any]] = {}  # uid -> (job, detokenizer)
 
     def tokenize(self, text: str) -> list[int]:
         add_special = not (self._bos_text and text.startswith(self._bos_text))
         return list(self._hf.encode(text, add_special_tokens=add_special))
+
+    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
+        segments = templates.render_segments(
+            self._template, messages, bos_token=self._bos_text, eos_token=self._eos_text
+        )
+        first = segments[0][0] if segments else ""
+        tokens: list[int] = []
+        for i, (text, special) in enumerate(segments):
+            add_special = i == 0 and not (self._bos_text and first.startswith(self._bos_text))
+            # split_special_tokens: a control token's text in a message is encoded as plain text
+            tokens += self._hf.encode(text, add_special_tokens=add_special, split_special_tokens=not special)
+        return tokens
 
     def render_chat(self, messages: Sequence[Message]) -> str:
         return templates.render(self._template, messages, bos_token=self._bos_text, eos_token=self._eos_text)
@@ -78,6 +91,7 @@ class MlxChat:
         return sampler, processors
 
     def insert(self, job: GenerationJob) -> None:
+        check_token_ids(job.prompt_tokens, self.vocab_size)
         if job.params.seed is not None:
             self._mx.random.seed(job.params.seed & 0xFFFFFFFF)
         sampler, processors = self._sampler(job.params)

@@ -163,6 +163,11 @@ class ChatScheduler(OwnerThread):
 
     def _consume(self, track: _Track, output: StepOutput) -> None:
         job = track.job
+        if output.error is not None:  # this sequence failed; the others of the step go on
+            self._active.pop(id(job), None)
+            self._remove(track)
+            track.sink(ErrorEvent(output.error))
+            return
         if output.end_of_generation:
             self._finish(track, "stop")
             return

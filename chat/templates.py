@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from core.errors import InvalidRequest
+from core.turns import Message
+
+log = logging.getLogger("llmservice.templates")
 
 GEMMA = """\
 {{- bos_token -}}
@@ -151,3 +155,63 @@ def render(
         raise
     except jinja2.TemplateError as exc:
         raise InvalidRequest(f"The chat template failed on this conversation: {exc}") from None
+
+
+# ---------------------------------------------------------------- what is the template's, what is the user's
+
+Segment = tuple[str, bool]  # (text, special): only the template's own text may hold control tokens
+_PRIVATE_USE = range(0xE000, 0xF8FF)
+_warned: set[str] = set()
+
+
+def render_segments(template: str, messages: Sequence[Message], *, bos_token: str, eos_token: str) -> list[Segment]:
+    """The rendered prompt split into the template's text and the messages' text, so a tokenizer parses
+    control tokens (`<start_of_turn>`, `</s>`, ...) only where the template wrote them: a user who
+    types them gets plain text, not a forged turn.
+
+    Message contents are wrapped in two private-use characters no content holds, the template is
+    rendered, and the result is split on them. It must equal the plain rendering once the markers
+    are gone (templates that `trim` content are allowed for); a template that transforms content in
+    other ways falls back to the plain rendering, with one warning per template.
+    """
+    plain = render(template, messages, bos_token=bos_token, eos_token=eos_token)
+    texts = [m.get("content") for m in messages]
+    if not any(isinstance(t, str) and t for t in texts):
+        return [(plain, True)]
+    used = set().union(*(t for t in texts if isinstance(t, str)))
+    free = (chr(c) for c in _PRIVATE_USE if chr(c) not in used)
+    opener, closer = next(free), next(free)
+    marked_messages = [
+        {**m, "content": f"{opener}{m['content']}{closer}"} if isinstance(m.get("content"), str) and m["content"] else m
+        for m in messages
+    ]
+    marked = render(template, marked_messages, bos_token=bos_token, eos_token=eos_token)  # type: ignore[arg-type]
+    segments = _split(marked, opener, closer)
+    if segments is not None:
+        if "".join(text for text, _ in segments) == plain:
+            return [s for s in segments if s[0]]
+        trimmed = [(text if special else text.strip(), special) for text, special in segments]
+        if "".join(text for text, _ in trimmed) == plain:
+            return [s for s in trimmed if s[0]]
+    key = template[:200]
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("this chat template transforms message text: control tokens in messages are not neutralised")
+    return [(plain, True)]
+
+
+def _split(marked: str, opener: str, closer: str) -> list[Segment] | None:
+    segments: list[Segment] = []
+    rest = marked
+    while rest:
+        start = rest.find(opener)
+        if start < 0:
+            segments.append((rest, True))
+            break
+        end = rest.find(closer, start + 1)
+        if end < 0 or closer in rest[:start] or opener in rest[start + 1 : end]:
+            return None
+        segments.append((rest[:start], True))
+        segments.append((rest[start + 1 : end], False))
+        rest = rest[end + 1 :]
+    return None if any(opener in t or closer in t for t, _ in segments) else segments

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from config import Settings, TierConfig
+from core.errors import InvalidRequest, ServiceError
 from core.turns import ChatBackend, Message
 
 # ---------------------------------------------------------------- chat
@@ -52,6 +53,7 @@ class StepOutput:
     text: str  # complete UTF-8 text for the token (may be "" while a multi-byte char is pending)
     token: int
     end_of_generation: bool  # the model emitted an end-of-generation token (not part of the text)
+    error: ServiceError | None = None  # this sequence failed (the others of the step go on)
 
 
 class ChatModel(Protocol):
@@ -63,6 +65,7 @@ class ChatModel(Protocol):
 
     context_length: int
     max_parallel: int
+    vocab_size: int  # token ids are 0 .. vocab_size - 1
 
     def tokenize(self, text: str) -> list[int]:
         """Tokens of a prompt, with the BOS token the model expects and special tokens parsed."""
@@ -70,6 +73,11 @@ class ChatModel(Protocol):
 
     def render_chat(self, messages: Sequence[Message]) -> str:
         """The prompt text for a conversation, ending with the assistant's generation prompt."""
+        ...
+
+    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
+        """The conversation's prompt tokens: control tokens only where the template put them, the
+        messages' text tokenized as text (chat/templates.py `render_segments`)."""
         ...
 
     def insert(self, job: GenerationJob) -> None:
@@ -85,6 +93,13 @@ class ChatModel(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def check_token_ids(tokens: Sequence[int], n_vocab: int) -> None:
+    """A 400 naming the first id outside the vocabulary (ids beyond 32 bits included)."""
+    bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"Token id {bad} is outside this model's vocabulary (0..{n_vocab - 1})", param="prompt")
 
 
 # ---------------------------------------------------------------- embeddings and rerank

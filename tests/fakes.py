@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from config import Settings, TierConfig
+from core.errors import BackendError
 from core.protocols import EmbeddingResult, GenerationJob, StepOutput
 from core.turns import Message
 from tests.waiting import DEADLINE_S
@@ -41,6 +42,7 @@ class FakeChat:
         self.tier = tier
         self.context_length = context_length
         self.max_parallel = max_parallel
+        self.vocab_size = 0x110000  # one token per Unicode code point
         self.inserted: list[GenerationJob] = []
         self.removed: list[GenerationJob] = []
         self.active: dict[int, tuple[GenerationJob, str, int]] = {}
@@ -51,6 +53,9 @@ class FakeChat:
 
     def tokenize(self, text: str) -> list[int]:
         return [ord(ch) for ch in text]
+
+    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
+        return self.tokenize(self.render_chat(messages))
 
     def render_chat(self, messages: Sequence[Message]) -> str:
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
@@ -91,6 +96,9 @@ class FakeChat:
             prompt = "".join(chr(t) for t in job.prompt_tokens)
             if "BOOM" in prompt and pos == 3:
                 raise RuntimeError("fake model failure")
+            if "POISON" in prompt and pos == 3:  # this sequence alone fails, as a failed decode is isolated
+                outputs.append(StepOutput(job, "", EOS, True, error=BackendError("The model failed on this input")))
+                continue
             if pos >= len(reply):
                 outputs.append(StepOutput(job, "", EOS, True))
                 continue

@@ -55,8 +55,9 @@ def test_chat_answers_with_usage_from_the_real_tokenizer(real_server: LiveServer
     prompt = model.render_chat(messages)
     assert prompt.startswith("<bos><start_of_turn>user\nBe brief.\n\nName a colour.<end_of_turn>")
     assert prompt.endswith("<start_of_turn>model\n")
-    assert data["usage"]["prompt_tokens"] == len(model.tokenize(prompt))
-    assert model.tokenize(prompt).count(2) == 1  # one BOS, not two
+    assert data["usage"]["prompt_tokens"] == len(model.chat_tokens(messages))
+    assert model.chat_tokens(messages).count(2) == 1  # one BOS, not two
+    assert model.chat_tokens(messages) == model.tokenize(prompt)  # plain messages: as the whole prompt tokenized
 
 
 def test_max_tokens_is_honoured_exactly(real_server: LiveServer, no_end: dict[str, float]) -> None:

@@ -52,7 +52,7 @@ def test_mlx_backend_is_inferred_and_chats(mlx_server: LiveServer) -> None:
     model = mlx_server.app.state.llm.manager.tiers["medium"].worker.scheduler.model
     prompt = model.render_chat([{"role": "user", "content": "hello world"}])
     assert prompt == "<s><|user|>hello world</s><|assistant|>"
-    assert data["usage"]["prompt_tokens"] == len(model.tokenize(prompt))
+    assert data["usage"]["prompt_tokens"] == len(model.chat_tokens([{"role": "user", "content": "hello world"}]))
 
 
 def test_mlx_streaming_matches_non_streaming(mlx_server: LiveServer) -> None:
