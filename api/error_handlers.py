@@ -1,12 +1,13 @@
 """FastAPI's exception handlers: every error a route raises leaves in the OpenAI envelope.
 
 Typed errors keep their status; validation errors become 400 naming the parameter; unknown routes
-and methods 404/405; anything else a 500 that never shows `str(exc)`.
+and methods 404/405; anything else a 500 that never shows `str(exc)`, logged with a bounded trace.
 """
 
 from __future__ import annotations
 
 import logging
+import traceback
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,15 +21,25 @@ __all__ = ["error_response", "install_error_handlers"]
 
 log = logging.getLogger("llmservice")
 
+# Innermost frames of an unexpected error worth logging: a RecursionError's full trace is thousands of lines.
+LOGGED_FRAMES = 12
+
+
+def _printable(text: str) -> str:
+    """`text` with lone surrogates escaped: a message naming a bad key must still encode as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "Invalid request body", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    message = first.get("msg", "invalid value")
+    loc = [_printable(str(part)) for part in first.get("loc", ()) if part != "body"]
+    ctx = first.get("ctx") or {}
+    # Whole-body checks (api/schemas.check_json) name the parameter in ctx: a model validator has no loc.
+    param = ".".join(loc) or (_printable(ctx["param"]) if isinstance(ctx.get("param"), str) else None)
+    message = _printable(first.get("msg", "invalid value"))
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON", None
     if first.get("type") == "missing":
@@ -60,5 +71,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        log_unexpected(exc, request.method, request.url.path)
         return error_response(ServiceError("The server hit an internal error"))
+
+
+def log_unexpected(exc: BaseException, method: str, path: str) -> None:
+    """One error record for a 500, with only the innermost frames of its trace."""
+    trace = "".join(traceback.format_exception(exc, limit=-LOGGED_FRAMES)).rstrip()
+    log.error("unexpected error on %s %s\n%s", method, _printable(path), trace)

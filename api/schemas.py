@@ -1,14 +1,19 @@
 """Pydantic v2 wire models for the OpenAI-compatible endpoints, with bounds on every field.
 
 Unknown fields are ignored (clients send vendor extras); known fields are validated strictly and a
-violation becomes a 400 in the OpenAI envelope (see server.py).
+violation becomes a 400 in the OpenAI envelope (see api/error_handlers.py). Before any field, every
+request body is walked once (`check_json`): a string anywhere in it holding a lone UTF-16 surrogate
+(JSON's "\\ud800" escape decodes to one) or nesting deeper than `MAX_JSON_DEPTH` is refused, since
+either breaks code far downstream (UTF-8 encoding in tokenizers and the cache key digest, recursion in
+schema checks and serialisers).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_TOKENS_LIMIT = 131072
 MAX_STOP = 16
@@ -16,12 +21,74 @@ MAX_STOP_LENGTH = 512
 MAX_MESSAGES = 2048
 MAX_TEXT_CHARS = 2_000_000
 MAX_N = 8
+# Containers (objects, arrays) nested in a body. The deepest real bodies are JSON schemas (tools, response_format);
+# structured output bounds those more tightly (chat/structured_output.MAX_SCHEMA_DEPTH).
+MAX_JSON_DEPTH = 64
 
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
+
+JsonPath = tuple[str | int, ...]
+_SCALARS = frozenset({int, float, bool, type(None)})
+_SURROGATE = "holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is not text"
+
+
+def _has_surrogate(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _dotted(path: JsonPath) -> str:
+    # A key may hold the surrogate itself: escape it, or the error body could not be encoded either.
+    return ".".join(str(part).encode("utf-8", "backslashreplace").decode("utf-8") for part in path) or "body"
+
+
+def _refuse(kind: str, message: str, path: JsonPath) -> PydanticCustomError:
+    # `param` travels in ctx: a model validator cannot set the error's loc (api/error_handlers.py reads it).
+    return PydanticCustomError(kind, message, {"param": _dotted(path)})
+
+
+def check_json(value: object) -> None:
+    """Refuse lone surrogates in any string (keys included) and nesting deeper than MAX_JSON_DEPTH.
+
+    Iterative, so a hostile body cannot exhaust the stack here either.
+    """
+    stack: list[tuple[object, JsonPath]] = [(value, ())]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            if _has_surrogate(node):
+                raise _refuse("lone_surrogate", f"the text {_SURROGATE}", path)
+            continue
+        if len(path) >= MAX_JSON_DEPTH:
+            raise _refuse("too_deep", f"nested more than {MAX_JSON_DEPTH} levels deep", path[:1])
+        if isinstance(node, dict):
+            for key, item in node.items():
+                if isinstance(key, str) and _has_surrogate(key):
+                    raise _refuse("lone_surrogate", f"a key {_SURROGATE}", path)
+                if isinstance(item, str | dict | list):
+                    stack.append((item, (*path, key)))
+        elif isinstance(node, list):
+            kinds = set(map(type, node))  # token-id lists hold millions of ints: skip them without a Python loop
+            if kinds <= _SCALARS:
+                continue
+            if kinds == {str} and not _has_surrogate("".join(node)):
+                continue
+            stack.extend((item, (*path, i)) for i, item in enumerate(node) if type(item) not in _SCALARS)
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_json(cls, data: object) -> object:
+        check_json(data)
+        return data
 
 
 class StreamOptions(BaseModel):

@@ -44,6 +44,11 @@ def plan_tools(
     if isinstance(tool_choice, dict):
         chosen_function = tool_choice.get("function")
         name = chosen_function.get("name") if isinstance(chosen_function, dict) else None
+        if not isinstance(name, str):
+            raise InvalidRequest(
+                'tool_choice must name a function: {"type": "function", "function": {"name": "..."}}',
+                param="tool_choice.function",
+            )
         chosen = [f for f in functions if f["name"] == name]
         if not chosen:
             raise InvalidRequest(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
