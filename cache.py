@@ -3,7 +3,9 @@
 Keys are SHA-256 digests of canonical JSON over the endpoint, the tier, the model's identity (path,
 file size and mtime, so a swapped model file never serves stale answers) and the normalised request.
 Values are JSON-serialisable objects, stored as JSON bytes wrapped with their key; on disk a
-`JsonOnlyDisk` refuses anything that is not plain bytes, so a planted pickle is never unpickled.
+`JsonOnlyDisk` refuses anything that is not plain bytes, so a planted pickle is never unpickled, and
+reads or deletes a value file only when the row names one of its own files inside the cache directory,
+so a tampered row cannot reach any other file.
 
 A cache failure never fails a request: a broken or full disk means serving uncached, with one
 warning (repeated failures are logged at debug level until the disk works again).
@@ -18,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -214,8 +217,25 @@ def is_deterministic(body: Any) -> bool:
 # ---------------------------------------------------------------- disk
 
 
+# The only value file names diskcache's Disk.filename makes: two hex levels, then 28 hex digits ".val".
+_VALUE_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val")
+
+
 class JsonOnlyDisk(Disk):
-    """A diskcache `Disk` for string keys and bytes values only; it refuses to unpickle anything."""
+    """A diskcache `Disk` for string keys and bytes values only; it refuses to unpickle anything, and
+    touches only value files inside its directory whatever a (possibly tampered) row says."""
+
+    def __init__(self, directory: str, **settings: Any) -> None:
+        super().__init__(directory, **settings)
+        self._root = os.path.realpath(directory)
+
+    def _confined(self, filename: object) -> str | None:
+        """The real path of a row's value file, or None when the name is not one diskcache made or
+        resolves (through `..`, an absolute path or a symlink) outside the cache directory."""
+        if not isinstance(filename, str) or not _VALUE_FILE.fullmatch(filename.replace(os.sep, "/")):
+            return None
+        path = os.path.realpath(os.path.join(self._root, filename))
+        return path if os.path.commonpath([self._root, path]) == self._root else None
 
     def put(self, key: Any) -> tuple[Any, bool]:
         if type(key) is not str:
@@ -235,10 +255,24 @@ class JsonOnlyDisk(Disk):
     def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> bytes:
         if mode not in (MODE_RAW, MODE_BINARY) or read:
             raise UnsafeEntry(f"refusing to decode a cache entry of mode {mode}")
-        data = super().fetch(mode, filename, value, read)
+        if mode == MODE_RAW:
+            data = super().fetch(mode, filename, value, read)
+        else:
+            path = self._confined(filename)
+            if path is None:
+                raise UnsafeEntry("a cache entry names a file outside the cache directory")
+            with open(path, "rb") as reader:  # a missing file is an OSError: diskcache answers a miss
+                data = reader.read()
         if type(data) is not bytes:
             raise UnsafeEntry("a cache entry is not bytes")
         return data
+
+    def remove(self, file_path: str) -> None:
+        # diskcache calls this with the row's filename when it deletes, culls, expires or clears a row.
+        if self._confined(file_path) is None:
+            log.warning("not deleting %r: a cache row named a file outside the cache directory", file_path)
+            return
+        super().remove(file_path)
 
 
 def encode_entry(key: str, value: Any) -> bytes:

@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import sqlite3
 import stat
 from pathlib import Path
 from typing import Any
@@ -336,6 +337,75 @@ def test_a_broken_cache_database_means_running_without_the_disk(
 
     asyncio.run(scenario())
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+# A row whose filename was rewritten to name a file outside the cache directory, each way a path can escape.
+ESCAPES = ["relative", "absolute", "dotdot-after-a-valid-prefix", "symlinked-value-file"]
+
+
+def _tamper_row(tmp_path: Path, key: str, escape: str, outside: Path) -> None:
+    folder = tmp_path / "cache"
+    with sqlite3.connect(folder / "cache.db") as db:
+        ((filename,),) = db.execute("SELECT filename FROM Cache WHERE key = ?", (key,)).fetchall()
+        assert filename is not None  # the value lives in its own file
+        if escape == "symlinked-value-file":
+            (folder / filename).unlink()
+            (folder / filename).symlink_to(outside)
+            return
+        forged = {
+            "relative": os.path.relpath(outside, folder),
+            "absolute": str(outside),
+            "dotdot-after-a-valid-prefix": f"{Path(filename).parent}/../../{os.path.relpath(outside, folder)}",
+        }[escape]
+        db.execute("UPDATE Cache SET filename = ? WHERE key = ?", (forged, key))
+
+
+def _outside_file(tmp_path: Path, key: str) -> tuple[Path, bytes]:
+    """A file outside the cache holding a valid entry for `key`: served, it would be a hit on "planted"."""
+    outside = tmp_path / "elsewhere" / "secret.val"
+    outside.parent.mkdir()
+    content = cache_mod.encode_entry(key, "planted")
+    outside.write_bytes(content)
+    return outside, content
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+def test_a_row_naming_a_file_outside_the_cache_is_a_miss_and_the_file_is_neither_read_nor_deleted(
+    tmp_path: Path, escape: str
+) -> None:
+    outside, content = _outside_file(tmp_path, "k")
+
+    async def scenario() -> None:
+        cache = ResponseCache(disk_settings(tmp_path, CACHE_MAX_SIZE="0"))
+        await cache.put("k", "y" * 100_000)  # over diskcache's 32 KiB: lives in its own file
+        _tamper_row(tmp_path, "k", escape, outside)
+        assert await cache.get("k") is None
+        assert cache.stats()["disk_entries"] == 0  # the bad row was dropped
+        await cache.put("k", "fresh")  # and the cache keeps working
+        assert await cache.get("k") == "fresh"
+        cache.close()
+
+    asyncio.run(scenario())
+    assert outside.read_bytes() == content
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+def test_deleting_or_clearing_tampered_rows_never_deletes_outside_the_cache(tmp_path: Path, escape: str) -> None:
+    outside, content = _outside_file(tmp_path, "a")
+
+    async def scenario() -> None:
+        cache = ResponseCache(disk_settings(tmp_path, CACHE_MAX_SIZE="0"))
+        await cache.put_many({"a": "y" * 100_000, "b": "z" * 100_000})
+        _tamper_row(tmp_path, "a", escape, outside)
+        assert cache.disk is not None
+        assert cache.disk.delete("a")
+        _tamper_row(tmp_path, "b", escape, outside)
+        assert (await cache.clear())["removed"] == 1
+        assert cache.stats()["disk_entries"] == 0
+        cache.close()
+
+    asyncio.run(scenario())
+    assert outside.read_bytes() == content
 
 
 # ---------------------------------------------------------------- over HTTP
