@@ -158,6 +158,7 @@ SERVER_KEYS: tuple[Key, ...] = (
     Key("strict_tiers", "bool", False, "an unconfigured chat tier is a 404, not a fallback"),
     Key("port_file", "str", ".port", "where the real port is written", blank_is_default=True),
     Key("max_body_bytes", "int", 8 * 1024 * 1024, "larger request bodies get 413", minimum=1024),
+    Key("header_timeout", "float", 10.0, "seconds a client gets to send a request's headers", minimum=0.1),
 )
 
 
@@ -249,6 +250,7 @@ class Settings:
     strict_tiers: bool = _server_default("strict_tiers")
     port_file: str = _server_default("port_file")
     max_body_bytes: int = _server_default("max_body_bytes")
+    header_timeout: float = _server_default("header_timeout")
 
 
 # ---------------------------------------------------------------- reading the table

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from cache import ResponseCache
 from config import ConfigError, Settings, load_settings, read_environment
@@ -29,6 +29,7 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
     from api.state import AppState
     from middleware import stack
     from middleware.activity import Activity
+    from middleware.security import is_authenticated
     from ops import metrics
 
     manager = ModelManager(settings, factories if factories is not None else default_factories())
@@ -58,14 +59,12 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
     app.include_router(dashboard.router)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
         tiers = {name: manager.status(name) for name in manager.tiers}
-        degraded = any(t["state"] == "failed" for t in tiers.values())
-        return {
-            "status": "degraded" if degraded else "ok",
-            "uptime_seconds": round(time.time() - state.started, 1),
-            "tiers": tiers,
-        }
+        status = "degraded" if any(t["state"] == "failed" for t in tiers.values()) else "ok"
+        if settings.api_keys and not is_authenticated(request.scope):
+            return {"status": status}  # liveness only: model names and failure reasons need a key
+        return {"status": status, "uptime_seconds": round(time.time() - state.started, 1), "tiers": tiers}
 
     return app
 

@@ -25,20 +25,33 @@ class BodyLimit:
                 await send_error(too_large, scope, receive, send)
                 return
         seen = 0
+        answered = started = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, answered
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    # Answer here, not where the exception lands: FastAPI turns any exception raised
+                    # while it reads a body into its own 400, which `guarded_send` then drops.
+                    if not started:
+                        answered = True
+                        await send_error(too_large, scope, receive, send)
                     raise _BodyTooLarge()
             return message
 
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if answered:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
-            await send_error(too_large, scope, receive, send)
+            pass  # answered already, or too late to (a response had started): uvicorn closes the connection
 
 
 class _BodyTooLarge(Exception):

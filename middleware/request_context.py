@@ -5,6 +5,10 @@ when it is sane, else a fresh one), puts it in a contextvar that `RequestIdFilte
 log record, returns it in the `x-request-id` response header, and when the response's last byte is
 sent writes one access-log line and records the request's metrics.
 
+Request text (a path, a model name) reaches the logs, so control characters in it are escaped: in the
+access line itself, and in the arguments of every record by `ControlCharacterFilter`, which
+`configure_logging` puts on every handler. A `%0a` in a path cannot forge a log line.
+
 Routes report what only they know through `note_tier`, `add_tokens`, `mark_first_token` and
 `note_cache`. These write into a mutable `RequestInfo` held by the contextvar; the object is shared
 with the tasks that stream the response body, so a stream's numbers arrive before the log line.
@@ -83,6 +87,37 @@ def note_cache(hits: int = 0, misses: int = 0) -> None:
 
 # ---------------------------------------------------------------- logging
 
+# C0 and C1 controls, DEL and Unicode's line and paragraph separators: anything a log reader may
+# take as the end of a line or as a terminal command.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_OR_QUOTE = re.compile(r'[\x00-\x1f\x7f-\x9f\u2028\u2029"\\]')
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_control(text: str, quoted: bool = False) -> str:
+    """`text` with control characters as `\\xNN` (nginx's access-log escaping); `quoted` also escapes `"`
+    and backslashes, for a field the line puts in quotes."""
+    return (_CONTROL_OR_QUOTE if quoted else _CONTROL).sub(_escaped, text)
+
+
+class ControlCharacterFilter(logging.Filter):
+    """Escapes control characters in a record's string arguments, where request text arrives.
+
+    The message template is ours and may span lines on purpose; only the values put into it are escaped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple):
+            record.args = tuple(escape_control(a) if isinstance(a, str) else a for a in args)
+        elif isinstance(args, dict):
+            record.args = {k: escape_control(v) if isinstance(v, str) else v for k, v in args.items()}
+        return True
+
 
 class RequestIdFilter(logging.Filter):
     """Adds `record.request_id` (the current request's id, or "-") so formats can use %(request_id)s."""
@@ -97,10 +132,11 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 
 def configure_logging(level: str) -> None:
-    """Root logging for `main()`: every handler's records carry the request id."""
+    """Root logging for `main()`: every handler's records carry the request id, with request text escaped."""
     logging.basicConfig(level=level, format=LOG_FORMAT)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())
+        handler.addFilter(ControlCharacterFilter())
 
 
 # ---------------------------------------------------------------- middleware
@@ -187,14 +223,15 @@ class RequestContext:
 
 def _access_line(scope: Scope, status: int, duration: float, tier: str, info: RequestInfo) -> str:
     client = scope.get("client")
+    request = f"{scope.get('method')} {scope.get('path')}"
     parts = [
-        f"{client[0] if client else '-'}",
-        f'"{scope.get("method")} {scope.get("path")}"',
+        escape_control(str(client[0])) if client else "-",
+        f'"{escape_control(request, quoted=True)}"',
         str(status),
         f"duration_ms={duration * 1000:.1f}",
     ]
     if tier:
-        parts.append(f"tier={tier}")
+        parts.append(f"tier={escape_control(tier)}")
     if info.prompt_tokens or info.completion_tokens:
         parts.append(f"prompt_tokens={info.prompt_tokens} completion_tokens={info.completion_tokens}")
     if info.ttft is not None:

@@ -26,6 +26,8 @@ from middleware.envelope import error_response, send_error
 # Paths served without a key: the health probe, and the dashboard's static page (a browser cannot
 # attach a bearer header to a navigation; the page itself asks for the key and sends it on every call).
 PUBLIC_PATHS = frozenset({"/health", "/admin"})
+# Set in the scope when the request carried a valid key: a public path may then show more (/health's tiers).
+AUTHENTICATED = "llmservice.authenticated"
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "X-Request-Id", "Cache-Control")
 CORS_EXPOSE_HEADERS = ("X-Request-Id", "X-Tier", "X-Tier-Fallback", "X-Cache", "Retry-After")
@@ -56,18 +58,30 @@ def _bearer(headers: Headers) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
 
 
+def is_authenticated(scope: Scope) -> bool:
+    """Whether BearerAuth found a valid key on this request (never true without API_KEYS)."""
+    return scope.get(AUTHENTICATED) is True
+
+
 class BearerAuth:
-    """`Authorization: Bearer <key>` on everything but PUBLIC_PATHS, when API_KEYS is set."""
+    """`Authorization: Bearer <key>` on everything but PUBLIC_PATHS, when API_KEYS is set.
+
+    On a public path a key is optional: a valid one is noted in the scope, a wrong one is ignored.
+    """
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
         self.app = app
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         token = _bearer(Headers(scope=scope))
+        if scope["path"] in PUBLIC_PATHS:
+            scope[AUTHENTICATED] = token is not None and key_matches(token, self.keys)
+            await self.app(scope, receive, send)
+            return
         if token is None:
             error = Unauthorized(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
@@ -82,6 +96,7 @@ class BearerAuth:
             )
             await send_error(error, scope, receive, send)
             return
+        scope[AUTHENTICATED] = True
         await self.app(scope, receive, send)
 
 

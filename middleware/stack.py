@@ -3,6 +3,7 @@
 Outermost first (Starlette runs the middleware added last outermost, so `install` adds bottom-up):
 
     RequestContext   request id, access log, request metrics; the last-resort 500 envelope
+    HeaderLimit      431 for too many or too large headers (uvicorn's h11 checks only incomplete heads)
     ActivityTracker  in flight until the last byte (idle shutdown); 503 while draining
     HostAllowlist    DNS-rebinding guard
     EnvelopeCORS     when CORS_ORIGINS is set; outside auth so preflights and 401s carry CORS headers
@@ -20,6 +21,7 @@ from starlette.applications import Starlette
 from config import Settings
 from middleware.activity import Activity, ActivityTracker
 from middleware.body_limit import BodyLimit
+from middleware.connection import HeaderLimit
 from middleware.request_context import RequestContext
 from middleware.request_info import RequestObserver
 from middleware.security import BearerAuth, EnvelopeCORS, HostAllowlist, cors_options
@@ -34,4 +36,5 @@ def install(app: Starlette, settings: Settings, activity: Activity, metrics: Req
         app.add_middleware(EnvelopeCORS, **cors_options(settings.cors_origins))
     app.add_middleware(HostAllowlist, allowed=(*settings.allowed_hosts, settings.host))
     app.add_middleware(ActivityTracker, activity=activity)
+    app.add_middleware(HeaderLimit)
     app.add_middleware(RequestContext, metrics=metrics)

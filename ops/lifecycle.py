@@ -32,6 +32,7 @@ from starlette.applications import Starlette
 
 from config import Settings
 from middleware.activity import Activity
+from middleware.connection import MAX_HEADER_BYTES, head_guard
 from model_manager import ModelManager
 
 log = logging.getLogger("llmservice.lifecycle")
@@ -159,6 +160,9 @@ class DrainingServer:
             log_level=settings.log_level if settings.log_level != "trace" else "debug",
             timeout_graceful_shutdown=int(CANCEL_GRACE),
             access_log=False,
+            # One protocol whether or not httptools is installed: h11 with a deadline on each head.
+            http=head_guard(settings.header_timeout),
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         )
         self.server = _Server(config)
         # ops sits beside api and does not import it (api.state imports ops), so the typed state is
