@@ -130,8 +130,16 @@ TIER_KEYS: tuple[TierKey, ...] = (
     TierKey("max_queue", "int", 64, "waiting requests before 503", minimum=0, cache_key=False),
     TierKey("queue_timeout", "float", 60.0, "seconds a request may wait for a slot", minimum=0.0, cache_key=False),
     TierKey("preload", "bool", False, "load at start-up instead of on first use", cache_key=False),
-    TierKey("base_url", "str", "", "remote upstream (OpenAI-compatible)", cache_key=True),
-    TierKey("api_key", "str", "", "bearer key for the remote upstream", cache_key=False),
+    TierKey("base_url", "str", "", "one remote upstream (a pool of one; see upstreams)", cache_key=True),
+    TierKey("api_key", "str", "", "bearer key for the remote upstreams", cache_key=False),
+    TierKey("upstreams", "list", (), "remote upstream base URLs, comma-separated: a pool", cache_key=True),
+    TierKey("upstream_model", "str", "", "model name sent upstream; empty = the upstream's only one", cache_key=True),
+    TierKey("upstream_api", "lower", "openai", "embedding/rerank upstream wire: openai | tei", cache_key=False),
+    TierKey("retries", "int", 2, "more attempts on other upstreams, before any byte", minimum=0, cache_key=False),
+    TierKey("first_byte_timeout", "float", 60.0, "seconds to an upstream's first event", minimum=0.01, cache_key=False),
+    TierKey("stream_idle_timeout", "float", 60.0, "seconds a stream may stay silent", minimum=0.01, cache_key=False),
+    TierKey("breaker_failures", "int", 3, "consecutive faults that open a breaker", minimum=1, cache_key=False),
+    TierKey("breaker_cooldown", "float", 5.0, "seconds to a half-open probe (doubles)", minimum=0.0, cache_key=False),
     TierKey("chat_format", "lower", "", "a built-in template (gemma, chatml, llama3, ...)", cache_key=True),
     TierKey("chat_template", "str", "", "a Jinja template, inline or a file path", cache_key=True),
     TierKey("max_documents", "int", 1000, "documents per rerank request", minimum=1, cache_key=False),
@@ -198,6 +206,14 @@ class TierConfig:
     preload: bool = _tier_default("preload")
     base_url: str = _tier_default("base_url")
     api_key: str = _tier_default("api_key")
+    upstreams: tuple[str, ...] = _tier_default("upstreams")
+    upstream_model: str = _tier_default("upstream_model")
+    upstream_api: str = _tier_default("upstream_api")
+    retries: int = _tier_default("retries")
+    first_byte_timeout: float = _tier_default("first_byte_timeout")
+    stream_idle_timeout: float = _tier_default("stream_idle_timeout")
+    breaker_failures: int = _tier_default("breaker_failures")
+    breaker_cooldown: float = _tier_default("breaker_cooldown")
     chat_format: str = _tier_default("chat_format")
     chat_template: str = _tier_default("chat_template")
     max_documents: int = _tier_default("max_documents")
@@ -220,14 +236,20 @@ class TierConfig:
             return "all-MiniLM-L6-v2"
         if self.backend == "similarity" and not self.model_path:
             return "similarity"
-        if self.backend == "remote" and self.model_path.startswith(("http://", "https://")):
-            return self.model_path.rstrip("/").rsplit("/", 1)[-1] or "remote"
+        if self.backend == "remote":  # the URL's last segment ("v1") names nothing
+            return self.upstream_model or "remote"
         name = Path(self.model_path.rstrip("/")).name
         return name.removesuffix(".gguf") or self.name
 
     @property
     def model_id(self) -> str:
         return f"{self.name}/{self.model_name}"
+
+    @property
+    def upstream_urls(self) -> tuple[str, ...]:
+        """A remote tier's pool: `upstreams`, then `base_url`, then an http(s) `model_path`, each once."""
+        urls = (*self.upstreams, self.base_url, self.model_path)
+        return tuple(dict.fromkeys(u.rstrip("/") for u in urls if u.startswith(("http://", "https://"))))
 
 
 @dataclass(frozen=True)
@@ -353,7 +375,10 @@ def _tier_config(tier: str, env: Mapping[str, str]) -> TierConfig | None:
     path = str(_read(_TIER_KEY["model_path"], path_key, env, tier))
     raw_backend = str(_read(_TIER_KEY["backend"], backend_key, env, tier))
     backend = _BACKEND_ALIASES.get(raw_backend, raw_backend)
-    if not path:
+    pooled = any(env.get(_TIER_KEY[name].env_name(tier), "").strip() for name in ("upstreams", "base_url"))
+    if pooled and backend in ("", "remote") and (path_key not in env or not path):
+        path, backend = "", "remote"  # a pool and no model of its own: remote, whatever the embedded default
+    if not path and backend != "remote":
         # The reranker's default is similarity over the embedding tier; it needs no model path.
         similarity_ok = tier == "reranker" and (backend == "similarity" or (not backend and path_key not in env))
         if similarity_ok:
@@ -373,7 +398,34 @@ def _tier_config(tier: str, env: Mapping[str, str]) -> TierConfig | None:
         path = os.path.expanduser(path)
     read_above = ("model_path", "backend")
     values = {key.name: _read(key, key.env_name(tier), env, tier) for key in TIER_KEYS if key.name not in read_above}
-    return TierConfig(name=tier, model_path=path, backend=backend, **values)
+    config = TierConfig(name=tier, model_path=path, backend=backend, **values)
+    _check_upstreams(config)
+    return config
+
+
+def _check_upstreams(config: TierConfig) -> None:
+    """A remote tier has a pool of http(s) URLs; a local tier has none."""
+    prefix = config.name.upper()
+    urls = {
+        f"{prefix}_UPSTREAMS": config.upstreams,
+        f"{prefix}_BASE_URL": (config.base_url,) if config.base_url else (),
+    }
+    for name, values in urls.items():
+        for url in values:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{name} has value {url!r}: an upstream is an http(s):// URL")
+            if config.backend != "remote":
+                raise ConfigError(
+                    f"{name} has value {url!r} but the {config.name} tier's backend is {config.backend!r} "
+                    f"(set {prefix}_BACKEND=remote, or clear {prefix}_MODEL_PATH)"
+                )
+    if config.backend == "remote" and not config.upstream_urls:
+        raise ConfigError(
+            f"{prefix}_BACKEND is 'remote' but no upstream is set "
+            f"(set {prefix}_UPSTREAMS, {prefix}_BASE_URL or an http(s):// {prefix}_MODEL_PATH)"
+        )
+    if config.upstream_api not in ("openai", "tei"):
+        raise ConfigError(f"{prefix}_UPSTREAM_API has value {config.upstream_api!r}: use openai or tei")
 
 
 def _check_names(tiers: Mapping[str, TierConfig]) -> None:

@@ -45,10 +45,12 @@ def default_factories() -> dict[str, Factory]:
     import embedders
     import rerankers
     from chat import loaders
+    from remote import chat as remote_chat
 
     return {
         "chat:llamacpp": loaders.load_llamacpp_chat,
         "chat:mlx": loaders.load_mlx_chat,
+        "turns:remote": remote_chat.load_remote_chat,
         **embedders.FACTORIES,
         **rerankers.FACTORIES,
     }

@@ -44,8 +44,7 @@ router = APIRouter()
 
 
 def reject_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
-    if body.logprobs:
-        raise InvalidRequest("logprobs are not supported by this server", param="logprobs")
+    # logprobs depend on the tier: a remote one passes them upstream, a local one refuses (chat/local.py)
     if body.stream and body.n > 1:
         raise InvalidRequest("n > 1 is supported only without streaming", param="n")
 

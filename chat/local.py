@@ -37,6 +37,8 @@ class LocalChat:
         self.scheduler.shutdown(timeout)
 
     async def start_turn(self, request: TurnRequest) -> Turn:
+        if request.wire.get("logprobs"):
+            raise InvalidRequest("logprobs are not supported by local tiers", param="logprobs")
         model: ChatModel = self.scheduler.model
         if request.kind == "chat":
             messages = tools.prepare_messages(request.messages, request.tools)

@@ -4,7 +4,8 @@
 recorded events and loads nothing), else leases the tier and starts the turn on its `ChatBackend`,
 records the events for the cache, and shapes tool calls. The local backend (chat/local.py) renders,
 tokenizes and submits to a token engine; a backend that speaks OpenAI to an upstream server
-implements the same `start_turn` and skips all of that.
+(remote/chat.py) implements the same `start_turn` and skips all of that, tool calls included: its
+turn says `native_tools`.
 """
 
 from __future__ import annotations
@@ -45,11 +46,14 @@ async def open_turn(
     except BaseException:
         await stack.aclose()
         raise
+    if started.native_tools and request.tools is not None:
+        entry.store = False  # the cache keeps text, not the upstream's tool calls: nothing to replay them from
     choices = recording.record(started.choices, entry, started.prompt_tokens)
-    turn = Turn(_shaped(choices, request), started.prompt_tokens, entry.status, False)
-    turn.closers.append(started.aclose)
-    turn.closers.append(stack.aclose)
-    return turn
+    # The backend's own turn goes on (a remote one fills in prompt_tokens when its upstream reports usage).
+    started.choices = choices if started.native_tools else _shaped(choices, request)
+    started.cache_status = entry.status
+    started.closers.append(stack.aclose)
+    return started
 
 
 def _shaped(choices: Sequence[Choice], request: TurnRequest) -> list[Choice]:

@@ -90,10 +90,12 @@ class Turn:
     and releases the tier (a stream calls it after its last byte)."""
 
     choices: list[Choice]
-    prompt_tokens: int  # for `usage`: counted once per chat turn, once per choice for completions
+    prompt_tokens: int  # for `usage`: counted once per chat turn, once per choice for completions; an
+    # upstream reports it with its last event, so a remote backend fills it in then
     cache_status: str | None = None  # "HIT", "MISS", or None when the turn is not cacheable
     replayed: bool = False  # the events come from the cache: no model ran
     recorded_completion_tokens: int = 0  # a replay's usage (its choices' own counts are not kept)
+    native_tools: bool = False  # the backend makes tool calls itself (an upstream does): no local shaping
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # run in order by aclose
     _closed: bool = False
 
@@ -115,6 +117,6 @@ class ChatBackend(Protocol):
 
     async def start_turn(self, request: TurnRequest) -> Turn: ...
 
-    def status(self) -> dict[str, int]: ...
+    def status(self) -> Mapping[str, JsonValue]: ...
 
     def shutdown(self, timeout: float = 10.0) -> None: ...
