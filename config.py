@@ -129,6 +129,14 @@ TIER_KEYS: tuple[TierKey, ...] = (
     TierKey("parallel", "int", 4, "concurrent sequences of a chat tier", minimum=1, cache_key=False),
     TierKey("max_queue", "int", 64, "waiting requests before 503", minimum=0, cache_key=False),
     TierKey("queue_timeout", "float", 60.0, "seconds a request may wait for a slot", minimum=0.0, cache_key=False),
+    TierKey(
+        "request_timeout",
+        "float",
+        600.0,
+        "seconds a chat request may run in all; 0 = no limit",
+        minimum=0.0,
+        cache_key=False,
+    ),
     TierKey("preload", "bool", False, "load at start-up instead of on first use", cache_key=False),
     TierKey("base_url", "str", "", "one remote upstream (a pool of one; see upstreams)", cache_key=True),
     TierKey("api_key", "str", "", "bearer key for the remote upstreams", cache_key=False),
@@ -203,6 +211,7 @@ class TierConfig:
     parallel: int = _tier_default("parallel")
     max_queue: int = _tier_default("max_queue")
     queue_timeout: float = _tier_default("queue_timeout")
+    request_timeout: float = _tier_default("request_timeout")
     preload: bool = _tier_default("preload")
     base_url: str = _tier_default("base_url")
     api_key: str = _tier_default("api_key")

@@ -12,12 +12,16 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import threading
+import time
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from core.errors import InvalidRequest
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from core.errors import BackendError, InvalidRequest
 from core.turns import Message
 
 log = logging.getLogger("llmservice.templates")
@@ -106,12 +110,74 @@ def _raise(message: str) -> None:
     raise InvalidRequest(f"The chat template refused the conversation: {message}")
 
 
+# A template comes from a model file: it must not stall or exhaust the process whatever it does.
+MAX_RENDER_CHARS = 4_000_000  # ~1M tokens of prompt: beyond any context
+MAX_RENDER_SECONDS = 2.0
+MAX_LOOP_ITEMS = 1_000_000  # items of every range() of one rendering together (nested loops multiply)
+_budget = threading.local()
+
+
+class TemplateBomb(BackendError):
+    code = "chat_template_limits"
+
+
+def _spend(items: int = 0) -> None:
+    _budget.items += items
+    if _budget.items > MAX_LOOP_ITEMS:
+        raise TemplateBomb(f"The chat template loops over more than {MAX_LOOP_ITEMS} items")
+    if time.monotonic() > _budget.deadline:
+        raise TemplateBomb(f"The chat template ran longer than {MAX_RENDER_SECONDS:g} s")
+
+
+def _bounded_range(*args: int) -> range:
+    items = range(*args)
+    _spend(len(items))
+    return items
+
+
+def _too_big(value: object) -> bool:
+    return isinstance(value, str | list | tuple | bytes) and len(value) > MAX_RENDER_CHARS
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, plus bounds on time, loop items and the size of anything built."""
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _spend()
+        if operator == "**" and isinstance(right, int) and right > 64:
+            raise TemplateBomb("The chat template raises a number to a huge power")
+        if operator == "*" and any(isinstance(v, int) and v > MAX_RENDER_CHARS for v in (left, right)):
+            raise TemplateBomb("The chat template builds a value over the size limit")
+        result = super().call_binop(context, operator, left, right)
+        if _too_big(result):
+            raise TemplateBomb("The chat template builds a value over the size limit")
+        return result
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - jinja's names
+        _spend()
+        if any(isinstance(v, int) and v > MAX_RENDER_CHARS for v in (*args, *kwargs.values())):
+            raise TemplateBomb("The chat template builds a value over the size limit")
+        result = super().call(__context, __obj, *args, **kwargs)
+        if _too_big(result):
+            raise TemplateBomb("The chat template builds a value over the size limit")
+        return result
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _spend()
+        return super().getitem(obj, argument)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _spend()
+        return super().getattr(obj, attribute)
+
+
 @lru_cache(maxsize=32)
 def _compile(source: str) -> Any:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
+    env.globals["range"] = _bounded_range
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     return env.from_string(source)
@@ -141,18 +207,30 @@ def render(
     eos_token: str,
     add_generation_prompt: bool = True,
 ) -> str:
-    """Render a conversation; template errors become a 400, never a 500."""
+    """Render a conversation; template errors become a 400; a template over its limits (time, loop
+    items, size) a `TemplateBomb`."""
     import jinja2
 
+    _budget.items, _budget.deadline = 0, time.monotonic() + MAX_RENDER_SECONDS
+    variables = {
+        "messages": list(messages),
+        "bos_token": bos_token,
+        "eos_token": eos_token,
+        "add_generation_prompt": add_generation_prompt,
+    }
     try:
-        return _compile(template).render(
-            messages=list(messages),
-            bos_token=bos_token,
-            eos_token=eos_token,
-            add_generation_prompt=add_generation_prompt,
-        )
-    except InvalidRequest:
+        size, parts = 0, []
+        for part in _compile(template).generate(**variables):
+            size += len(part)
+            if size > MAX_RENDER_CHARS:
+                raise TemplateBomb(f"The chat template's output is over {MAX_RENDER_CHARS} characters")
+            _spend()
+            parts.append(part)
+        return "".join(parts)
+    except (InvalidRequest, TemplateBomb):
         raise
+    except RecursionError:
+        raise TemplateBomb("The chat template recurses too deeply") from None
     except jinja2.TemplateError as exc:
         raise InvalidRequest(f"The chat template failed on this conversation: {exc}") from None
 

@@ -10,7 +10,9 @@ turn says `native_tools`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,7 +20,8 @@ from typing import TYPE_CHECKING
 from cache import ResponseCache
 from chat import recording, tools
 from config import TierConfig
-from core.events import Event
+from core.errors import RequestTimeout
+from core.events import ErrorEvent, Event
 from core.turns import ChatBackend, Choice, Turn, TurnRequest
 
 if TYPE_CHECKING:  # the manager imports the local backend; the turn only leases through it
@@ -39,6 +42,7 @@ async def open_turn(
         replayed = recording.replay(entry.hit)
         replayed.choices = _shaped(replayed.choices, request)
         return replayed
+    deadline = time.monotonic() + tier.request_timeout if tier.request_timeout > 0 else None
     stack = contextlib.AsyncExitStack()
     try:
         backend: ChatBackend = await stack.enter_async_context(manager.lease(tier.name))
@@ -49,6 +53,8 @@ async def open_turn(
     if started.native_tools and request.tools is not None:
         entry.store = False  # the cache keeps text, not the upstream's tool calls: nothing to replay them from
     choices = recording.record(started.choices, entry, started.prompt_tokens)
+    if deadline is not None:
+        choices = [_Deadline(choice, deadline, tier.request_timeout) for choice in choices]
     # The backend's own turn goes on (a remote one fills in prompt_tokens when its upstream reports usage).
     started.choices = choices if started.native_tools else _shaped(choices, request)
     started.cache_status = entry.status
@@ -61,6 +67,32 @@ def _shaped(choices: Sequence[Choice], request: TurnRequest) -> list[Choice]:
     if plan is None:
         return list(choices)
     return [_Mapped(choice, lambda events: tools.shape_calls(events, plan, not request.stream)) for choice in choices]
+
+
+@dataclass
+class _Deadline:
+    """A choice that ends with a 504 error event once the request's time is up (its work is stopped)."""
+
+    inner: Choice
+    deadline: float  # time.monotonic()
+    limit: float
+
+    async def events(self) -> AsyncIterator[Event]:
+        events = aiter(self.inner.events())
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                    event = await anext(events)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                self.inner.cancel()
+                yield ErrorEvent(RequestTimeout(f"The request ran over its time limit of {self.limit:g} s"))
+                return
+            yield event
+
+    def cancel(self) -> None:
+        self.inner.cancel()
 
 
 @dataclass

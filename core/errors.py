@@ -106,6 +106,14 @@ class ClientGone(ServiceError):
     code = "client_closed_request"
 
 
+class RequestTimeout(ServiceError):
+    """The request ran past its tier's REQUEST_TIMEOUT; its generation was stopped."""
+
+    status = 504
+    type = "server_error"
+    code = "request_timeout"
+
+
 class RequestCancelled(ServiceError):
     """The server stopped a running request (forced unload, shutdown deadline); retry later."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 from typing import Any
 
 from config import load_settings
@@ -53,3 +54,21 @@ def test_choices_queued_before_one_is_refused_are_cancelled(make_client: Any, fa
     model = fake_registry.models["light"]
     assert all(job.cancelled.is_set() for job in model.inserted)
     assert all(job.completion_tokens < FOREVER for job in model.inserted)
+
+
+def test_a_request_over_its_time_limit_is_stopped_with_504(make_client: Any, fake_registry: FakeRegistry) -> None:
+    client = make_client({**FAKE_ENV, "LIGHT_REQUEST_TIMEOUT": "0.2"})
+    body = {"model": "light", "messages": [{"role": "user", "content": "hello"}]}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200  # loaded, and fast enough
+    model = fake_registry.models["light"]
+    model.hold_gate = threading.Event()  # from now on a decode step lasts until its sequences are cancelled
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "request_timeout"
+    streamed = client.post("/v1/chat/completions", json={**body, "stream": True})
+    events = [line for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[-1][len("data: ") :])["error"]["code"] == "request_timeout"
+    assert "data: [DONE]" not in events
+    scheduler = client.app.state.llm.manager.tiers["light"].worker.scheduler
+    wait_for(lambda: scheduler.active == 0, "the timed-out sequences stopped")
+    assert all(job.cancelled.is_set() for job in model.inserted[1:])
