@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from chat.local import LocalChat
 from chat.scheduler import ChatScheduler
@@ -34,6 +34,11 @@ from core.errors import Conflict, ModelUnavailable, Overloaded, ServiceError, Sh
 from core.microbatch import BatchWorker
 from core.protocols import Factory
 from core.turns import ChatBackend
+
+if TYPE_CHECKING:  # imported by its factory, only when a tier is remote
+    from remote.embeddings import RemoteWorker
+
+Worker: TypeAlias = "ChatBackend | BatchWorker | RemoteWorker"  # what a loaded tier runs on
 
 log = logging.getLogger("llmservice.models")
 
@@ -46,11 +51,13 @@ def default_factories() -> dict[str, Factory]:
     import rerankers
     from chat import loaders
     from remote import chat as remote_chat
+    from remote import embeddings as remote_embeddings
 
     return {
         "chat:llamacpp": loaders.load_llamacpp_chat,
         "chat:mlx": loaders.load_mlx_chat,
         "turns:remote": remote_chat.load_remote_chat,
+        "workers:remote": remote_embeddings.load_remote_worker,
         **embedders.FACTORIES,
         **rerankers.FACTORIES,
     }
@@ -95,7 +102,7 @@ class TierRuntime:
     config: TierConfig
     state: str = UNLOADED
     reason: str = ""
-    worker: ChatBackend | BatchWorker | None = None
+    worker: Worker | None = None
     in_flight: int = 0
     last_use: float = 0.0
     load_seconds: float = 0.0
@@ -178,12 +185,14 @@ class ModelManager:
             raise ModelUnavailable(f"The {config.name} tier's backend {config.backend!r} is not available here")
         return factory
 
-    def _start_worker(self, config: TierConfig) -> ChatBackend | BatchWorker:
-        if config.kind == "chat":
-            direct = self.factories.get(f"turns:{config.backend}")
-            if direct is not None:  # a backend that serves whole turns itself (an upstream server)
-                backend: ChatBackend = direct(config, self.settings)
-                return backend
+    def _start_worker(self, config: TierConfig) -> Worker:
+        # A backend that serves whole requests itself (an upstream pool) needs no owner thread of ours:
+        # "turns:<backend>" builds a chat tier's ChatBackend, "workers:<backend>" an embedding or rerank
+        # tier's worker (the micro-batching worker's surface).
+        direct = self.factories.get(f"{'turns' if config.kind == 'chat' else 'workers'}:{config.backend}")
+        if direct is not None:
+            backend: Worker = direct(config, self.settings)
+            return backend
         factory = self._factory(config)
         loader = lambda: factory(config, self.settings)  # noqa: E731
         if config.kind == "chat":
@@ -276,7 +285,7 @@ class ModelManager:
             return False
         return True
 
-    async def ensure_loaded(self, tier: str) -> ChatBackend | BatchWorker:
+    async def ensure_loaded(self, tier: str) -> Worker:
         rt = self.tiers[tier]
         if rt.state in (UNLOADED, FAILED) and rt.loading is None:
             self.start_loading(tier)
