@@ -8,6 +8,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -418,3 +419,16 @@ def test_bad_remote_settings_name_the_variable(env: Mapping[str, str], message: 
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_settings(env)
+
+
+def test_the_readme_example_configures_remote_tiers() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Remote tiers", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    env = dict(line.split("#", 1)[0].strip().split("=", 1) for line in block.splitlines() if "=" in line.split("#")[0])
+    tiers = load_settings(env).tiers
+    assert {name: tiers[name].backend for name in ("heavy", "embedding", "reranker")} == dict.fromkeys(
+        ("heavy", "embedding", "reranker"), "remote"
+    )
+    assert tiers["heavy"].model_id == "heavy/Qwen/Qwen2.5-72B-Instruct"
+    assert tiers["heavy"].upstream_urls == ("http://gpu1:8000/v1", "http://gpu2:8000/v1")
+    assert tiers["light"].backend == "llamacpp"  # untouched tiers keep their defaults
