@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from config import Settings, load_settings  # noqa: E402
 from server import create_app  # noqa: E402
 from tests.fakes import FakeRegistry  # noqa: E402
+from tests.waiting import wait_for  # noqa: E402
 
 FAKE_ENV = {
     "LIGHT_MODEL_PATH": "/models/fake-light.gguf",
@@ -63,18 +64,6 @@ def client(make_client: Any) -> TestClient:
     return make_client()
 
 
-def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.01) -> bool:
-    """Poll `predicate` until it is true or the deadline passes (never a bare sleep as synchronisation)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
-
-
 @pytest.fixture
 def processes() -> Iterator[list[Any]]:
     """Server subprocesses a test starts (tests/processes.py); each is stopped when the test ends."""
@@ -103,11 +92,8 @@ class LiveServer:
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
-        for _ in range(500):
-            if self.server.started:
-                break
-            self.thread.join(0.01)
-        assert self.server.started, "live server did not start"
+        wait_for(lambda: self.server.started or not self.thread.is_alive(), "the live server starting")
+        assert self.server.started, "the live server's thread ended before it started"
         return self
 
     def __exit__(self, *exc: object) -> None:

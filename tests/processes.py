@@ -6,21 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from tests.conftest import FAKE_ENV
+from tests.waiting import DEADLINE_S, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def wait_for(predicate: object, timeout: float = 30.0, message: str = "condition") -> None:
-    """Poll `predicate` until it holds; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"{message} not reached within {timeout}s"
-        threading.Event().wait(0.02)
 
 
 class ServerProcess:
@@ -61,14 +53,14 @@ class ServerProcess:
         except (FileNotFoundError, ValueError):
             return None
 
-    def wait_port(self, timeout: float = 60.0) -> int:
+    def wait_port(self, timeout: float = DEADLINE_S) -> int:
         """The published port, once `.port` names it (fails early if the process died)."""
 
         def published() -> bool:
             assert self.proc.poll() is None, f"server exited with {self.proc.returncode}:\n{self.log}"
             return self.read_port() is not None
 
-        wait_for(published, timeout, "the .port file")
+        wait_for(published, "the .port file", timeout)
         port = self.read_port()
         assert port is not None
         return port
@@ -80,7 +72,7 @@ class ServerProcess:
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
 
-    def wait(self, timeout: float = 60.0) -> int:
+    def wait(self, timeout: float = DEADLINE_S) -> int:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from typing import Any
 
 import httpx
 
 from tests.conftest import LiveServer
 from tests.fakes import FakeRegistry
+from tests.waiting import DEADLINE_S, wait_for
 
 CHAT = {"model": "light", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
-
-
-def wait_for(predicate: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        threading.Event().wait(0.01)
 
 
 class StreamReader:
@@ -34,7 +27,7 @@ class StreamReader:
 
     def _read(self, url: str, body: dict[str, Any]) -> None:
         try:
-            with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as response:
+            with httpx.stream("POST", url, json={**body, "stream": True}, timeout=DEADLINE_S) as response:
                 for line in response.iter_lines():
                     if line.startswith("data: "):
                         data = line.removeprefix("data: ")
@@ -80,19 +73,19 @@ def test_unload_refuses_while_busy_and_force_cancels_the_stream(fake_registry: F
     from tests.conftest import FAKE_ENV
 
     app = create_app(load_settings(FAKE_ENV), factories=fake_registry.factories())
-    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=30) as http:
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=DEADLINE_S) as http:
         assert http.post("/admin/tiers/light/load").status_code == 200
         fake_registry.models["light"].hold_gate = threading.Event()  # every decode step blocks
         stream = StreamReader(f"{live.url}/v1/chat/completions", {**CHAT, "temperature": 0.5})
-        assert stream.started.wait(15)
+        assert stream.started.wait(DEADLINE_S)
         busy = http.post("/admin/tiers/light/unload")
         assert busy.status_code == 409 and busy.json()["error"]["code"] == "conflict"
         forced = http.post("/admin/tiers/light/unload", params={"force": "true"})
         assert forced.status_code == 200 and forced.json()["cancelled"] == 1
-        assert stream.finished.wait(15)
+        assert stream.finished.wait(DEADLINE_S)
         assert stream.events[-1]["error"]["code"] == "request_cancelled"
         assert "[DONE]" not in stream.events
-        wait_for(lambda: http.get("/admin/status").json()["tiers"]["light"]["in_flight"] == 0)
+        wait_for(lambda: http.get("/admin/status").json()["tiers"]["light"]["in_flight"] == 0, "nothing in flight")
         again = http.post("/v1/chat/completions", json=CHAT)  # the tier reloads on the next request
         assert again.status_code == 200
     assert fake_registry.loads == {"light": 2}

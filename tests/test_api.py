@@ -294,6 +294,23 @@ def test_missing_model_file_fails_the_tier_only(make_client: Any, tmp_path: Any)
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "echo: m"
 
 
+def test_a_missing_backend_is_a_503_envelope(make_client: Any) -> None:
+    """Over the fakes (which register no embedding or rerank loaders): the tier fails to load cleanly."""
+    from tests.conftest import FAKE_ENV
+
+    env = {**FAKE_ENV, "EMBEDDING_MODEL_PATH": "/models/fake-embedder", "RERANKER_BACKEND": "similarity"}
+    client = make_client(env)
+    embedding = client.post("/v1/embeddings", json={"model": "embedding", "input": "x"})
+    rerank = client.post("/v1/rerank", json={"model": "reranker", "query": "q", "documents": ["d"]})
+    for response, tier in ((embedding, "embedding"), (rerank, "reranker")):
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and isinstance(error["code"], str)
+        assert tier in error["message"]
+    assert embedding.json()["error"]["code"] == "model_unavailable"
+
+
+@pytest.mark.real  # llama.cpp itself reads the file and refuses it
 def test_corrupt_gguf_fails_cleanly(make_client: Any, tmp_path: Any) -> None:
     from model_manager import default_factories
 

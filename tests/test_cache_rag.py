@@ -3,63 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from config import Settings, TierConfig
-from core.protocols import EmbeddingResult
 from tests.conftest import FAKE_ENV
-from tests.fakes import FakeRegistry
+from tests.fakes import FakeEmbedder, FakeRegistry, FakeReranker
 
 ENV = {**FAKE_ENV, "EMBEDDING_MODEL_PATH": "/models/fake-embedder", "RERANKER_BACKEND": "similarity"}
-
-
-class FakeEmbedder:
-    """Vectors from character counts; "BOOM" in a text fails the batch. Records every batch."""
-
-    dimension = 4
-    max_input_tokens = 512
-    supported_types = ("dense", "sparse")
-
-    def __init__(self) -> None:
-        self.batches: list[list[str]] = []
-
-    def embed(self, texts: Sequence[str], types: Sequence[str], truncate: bool) -> EmbeddingResult:
-        if any("BOOM" in text for text in texts):
-            raise RuntimeError("fake embedder failure")
-        self.batches.append(list(texts))
-        dense = [[float(len(t)), float(t.count("a")), float(t.count("e")), 1.0] for t in texts]
-        sparse = [{ord(t[0]): 0.5, 7: float(len(t))} for t in texts] if "sparse" in types else None
-        return EmbeddingResult(dense=dense if "dense" in types else None, sparse=sparse, token_counts=[2] * len(texts))
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(t.split()) for t in texts]
-
-    def close(self) -> None:
-        pass
-
-
-class FakeReranker:
-    """Scores by shared words with the query. Records every batch of pairs."""
-
-    kind = "fake"
-    scores_are_logits = True
-    max_input_tokens = 512
-
-    def __init__(self) -> None:
-        self.batches: list[list[tuple[str, str]]] = []
-
-    def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        self.batches.append(list(pairs))
-        return [float(len(set(q.lower().split()) & set(d.lower().split()))) for q, d in pairs]
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(t.split()) for t in texts]
-
-    def close(self) -> None:
-        pass
 
 
 class RagRegistry(FakeRegistry):

@@ -13,8 +13,9 @@ import pytest
 
 from config import load_settings
 from server import create_app
-from tests.conftest import FAKE_ENV, LiveServer, wait_until
+from tests.conftest import FAKE_ENV, LiveServer
 from tests.fakes import FakeRegistry
+from tests.waiting import DEADLINE_S, wait_for, wait_for_async
 
 
 def chat_body(content: str, **extra: Any) -> dict[str, Any]:
@@ -27,7 +28,8 @@ def gated() -> Iterator[tuple[LiveServer, FakeRegistry]]:
     registry = FakeRegistry()
     env = {**FAKE_ENV, "LIGHT_MAX_QUEUE": "1", "LIGHT_QUEUE_TIMEOUT": "0.01"}
     with LiveServer(create_app(load_settings(env), factories=registry.factories())) as live:
-        assert httpx.post(live.url + "/v1/chat/completions", json=chat_body("warm"), timeout=10).status_code == 200
+        warm = httpx.post(live.url + "/v1/chat/completions", json=chat_body("warm"), timeout=DEADLINE_S)
+        assert warm.status_code == 200
         gate = threading.Event()
         registry.models["light"].step_gate = gate
         try:
@@ -42,13 +44,14 @@ def test_concurrent_requests_equal_one_at_a_time(live_fake_server: LiveServer) -
     bodies[3] = chat_body("message number 3", stop=["r 3"], max_tokens=40)
 
     async def run_all() -> list[dict[str, Any]]:
-        async with httpx.AsyncClient(base_url=live_fake_server.url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=live_fake_server.url, timeout=DEADLINE_S) as client:
             return [
                 r.json() for r in await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
             ]
 
     concurrent = asyncio.run(run_all())
-    one_by_one = [httpx.post(live_fake_server.url + "/v1/chat/completions", json=b, timeout=30).json() for b in bodies]
+    url = live_fake_server.url + "/v1/chat/completions"
+    one_by_one = [httpx.post(url, json=b, timeout=DEADLINE_S).json() for b in bodies]
     strip = lambda d: (d["choices"], d["usage"])  # noqa: E731
     assert [strip(d) for d in concurrent] == [strip(d) for d in one_by_one]
     assert concurrent[3]["choices"][0]["message"]["content"] == "echo: message numbe"
@@ -56,15 +59,14 @@ def test_concurrent_requests_equal_one_at_a_time(live_fake_server: LiveServer) -
 
 def test_full_queue_is_503_with_retry_after(gated: tuple[LiveServer, FakeRegistry]) -> None:
     live, registry = gated
-    scheduler = live.app.state.llm.manager.tiers["light"].worker
+    scheduler = live.app.state.llm.manager.tiers["light"].worker.scheduler
 
     async def scenario() -> httpx.Response:
-        async with httpx.AsyncClient(base_url=live.url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=live.url, timeout=DEADLINE_S) as client:
             running = [
                 asyncio.ensure_future(client.post("/v1/chat/completions", json=chat_body("ENDLESS"))) for _ in range(3)
             ]
-            while scheduler.active + scheduler.queued < 3:
-                await asyncio.sleep(0.01)
+            await wait_for_async(lambda: scheduler.active + scheduler.queued == 3, "three requests with the scheduler")
             overflow = await client.post("/v1/chat/completions", json=chat_body("one too many"))
             registry.models["light"].step_gate.set()
             await asyncio.gather(*running, return_exceptions=True)
@@ -78,19 +80,17 @@ def test_full_queue_is_503_with_retry_after(gated: tuple[LiveServer, FakeRegistr
 
 def test_request_waiting_past_the_queue_timeout_is_503(gated: tuple[LiveServer, FakeRegistry]) -> None:
     live, registry = gated
-    scheduler = live.app.state.llm.manager.tiers["light"].worker
+    scheduler = live.app.state.llm.manager.tiers["light"].worker.scheduler
 
     async def scenario() -> httpx.Response:
-        async with httpx.AsyncClient(base_url=live.url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=live.url, timeout=DEADLINE_S) as client:
             running = [
                 asyncio.ensure_future(client.post("/v1/chat/completions", json=chat_body("ENDLESS", max_tokens=50)))
                 for _ in range(2)
             ]
-            while scheduler.active + scheduler.queued < 2:
-                await asyncio.sleep(0.01)
+            await wait_for_async(lambda: scheduler.active + scheduler.queued == 2, "two requests with the scheduler")
             waiting = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat_body("late")))
-            while scheduler.active + scheduler.queued < 3:
-                await asyncio.sleep(0.01)
+            await wait_for_async(lambda: scheduler.active + scheduler.queued == 3, "the late request queued")
             queued_at = time.monotonic()
             while time.monotonic() - queued_at < 0.1:  # let the 0.01 s queue timeout pass
                 await asyncio.sleep(0.01)
@@ -108,21 +108,21 @@ def test_disconnect_frees_the_slot_within_a_step(gated: tuple[LiveServer, FakeRe
     live, registry = gated
     model = registry.models["light"]
     body = chat_body("ENDLESS", max_tokens=200, stream=True)
-    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=30) as response:
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=DEADLINE_S) as response:
         for line in response.iter_lines():
             if line.startswith("data: "):
                 break  # the role chunk; the model has not stepped yet
-        assert wait_until(lambda: len(model.inserted) == 2)  # the warm-up request, then this one
+        wait_for(lambda: len(model.inserted) == 2, "the stream's sequence inserted")  # after the warm-up's
         job = model.inserted[-1]
-    assert wait_until(job.cancelled.is_set)  # the server saw the disconnect while the model was blocked
+    wait_for(job.cancelled.is_set, "the cancel")  # the server saw the disconnect while the model was blocked
     model.step_gate.set()
-    assert wait_until(lambda: job in model.removed)
+    wait_for(lambda: job in model.removed, "the sequence removed")
     assert job.completion_tokens <= 1
-    assert wait_until(lambda: live.app.state.llm.manager.tiers["light"].worker.active == 0)
+    wait_for(lambda: live.app.state.llm.manager.tiers["light"].worker.scheduler.active == 0, "no active sequence")
 
 
 def test_drop_and_resend_a_hundred_times(live_fake_server: LiveServer, fake_registry: FakeRegistry) -> None:
-    with httpx.Client(base_url=live_fake_server.url, timeout=30) as client:
+    with httpx.Client(base_url=live_fake_server.url, timeout=DEADLINE_S) as client:
         for _ in range(100):
             with client.stream(
                 "POST", "/v1/chat/completions", json=chat_body("ENDLESS", max_tokens=100000, stream=True)
@@ -133,6 +133,6 @@ def test_drop_and_resend_a_hundred_times(live_fake_server: LiveServer, fake_regi
                         break
         final = client.post("/v1/chat/completions", json=chat_body("still alive"))
     assert final.json()["choices"][0]["message"]["content"] == "echo: still alive"
-    worker = live_fake_server.app.state.llm.manager.tiers["light"].worker
-    assert wait_until(lambda: worker.active == 0 and worker.queued == 0)
+    worker = live_fake_server.app.state.llm.manager.tiers["light"].worker.scheduler
+    wait_for(lambda: worker.active == 0 and worker.queued == 0, "an idle scheduler")
     assert live_fake_server.app.state.llm.manager.tiers["light"].in_flight == 0

@@ -17,8 +17,10 @@ from pydantic import BaseModel, Field
 
 from config import load_settings
 from server import create_app
-from tests.conftest import FAKE_ENV, LiveServer, wait_until
+from tests.budgets import schema_budget
+from tests.conftest import FAKE_ENV, LiveServer
 from tests.fakes import FakeRegistry
+from tests.waiting import DEADLINE_S, wait_for
 
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 
@@ -50,40 +52,45 @@ def recording_client(sent: list[dict[str, Any]]) -> httpx.Client:
 
 @pytest.fixture
 def gated_server() -> Iterator[tuple[LiveServer, FakeRegistry]]:
+    """Two sequence slots, no queue beyond them; every decode step blocks until the test sets the gate."""
     registry = FakeRegistry()
     env = {**FAKE_ENV, "LIGHT_MAX_QUEUE": "0"}
     with LiveServer(create_app(load_settings(env), factories=registry.factories())) as live:
-        assert httpx.post(live.url + "/v1/completions", json={"model": "light", "prompt": "warm"}).status_code == 200
-        registry.models["light"].step_gate = threading.Event()
+        warm = httpx.post(live.url + "/v1/completions", json={"model": "light", "prompt": "warm"}, timeout=DEADLINE_S)
+        assert warm.status_code == 200
+        registry.models["light"].hold_gate = threading.Event()
         try:
             yield live, registry
         finally:
-            registry.models["light"].step_gate.set()
+            registry.models["light"].hold_gate.set()
 
 
 def test_openai_retries_503_honouring_retry_after(gated_server: tuple[LiveServer, FakeRegistry]) -> None:
     live, registry = gated_server
-    scheduler = live.app.state.llm.manager.tiers["light"].worker
+    scheduler = live.app.state.llm.manager.tiers["light"].worker.scheduler
     busy = [
         threading.Thread(
             target=httpx.post,
             args=(live.url + "/v1/completions",),
-            kwargs={"json": {"model": "light", "prompt": "ENDLESS", "max_tokens": 3}, "timeout": 60},
+            kwargs={"json": {"model": "light", "prompt": "ENDLESS", "max_tokens": 3}, "timeout": DEADLINE_S},
         )
         for _ in range(2)
     ]
     for thread in busy:
         thread.start()
-    assert wait_until(lambda: scheduler.active == 2)
+    # Both slots are taken once both requests are with the scheduler. Not necessarily both active: if the
+    # first is already in its (blocked) decode step, the owner thread cannot admit the second until the
+    # gate opens, so it waits in the queue. Either way one more request is refused with 503.
+    wait_for(lambda: scheduler.active + scheduler.queued == 2, "both requests with the scheduler")
     attempts: list[dict[str, Any]] = []
     client = openai.OpenAI(
         base_url=live.url + "/v1", api_key="x", max_retries=2, http_client=recording_client(attempts)
     )
     with pytest.raises(openai.InternalServerError) as caught:
         client.completions.create(model="light", prompt="hello")
-    registry.models["light"].step_gate.set()
+    registry.models["light"].hold_gate.set()
     for thread in busy:
-        thread.join(30)
+        thread.join(DEADLINE_S)
     assert caught.value.status_code == 503
     assert caught.value.response.headers["retry-after"] == "1"
     assert len(attempts) == 3  # the first try and two retries
@@ -132,42 +139,81 @@ def test_langchain_invoke_stream_and_max_tokens(real_server: LiveServer) -> None
     assert isinstance(message.content, str)
     assert sent[-1]["max_completion_tokens"] == 6 and "max_tokens" not in sent[-1]
     assert message.usage_metadata is not None and message.usage_metadata["output_tokens"] <= 6
+    used_up = message.usage_metadata["output_tokens"] == 6
+    assert message.response_metadata["finish_reason"] == ("length" if used_up else "stop")
     chunks = list(llm.stream("Count to three."))
     assert sent[-1]["stream"] is True and sent[-1]["stream_options"] == {"include_usage": True}
     total = chunks[0]
     for chunk in chunks[1:]:
         total = total + chunk
-    assert total.usage_metadata is not None and 1 <= total.usage_metadata["output_tokens"] <= 6
+    assert total.usage_metadata is not None and total.usage_metadata["output_tokens"] <= 6
+    used_up = total.usage_metadata["output_tokens"] == 6
+    assert total.response_metadata["finish_reason"] == ("length" if used_up else "stop")
+
+
+class GetWeather(BaseModel):
+    """Weather for a city."""
+
+    city: str = Field(max_length=20)
+
+
+# The forced calls below always close within these budgets, whatever words this CPU's greedy pick.
+WEATHER_BUDGET = schema_budget({"tool_calls": [{"name": "GetWeather", "arguments": {"city": ""}}]}, 20)
+PERSON_BUDGET = schema_budget({"tool_calls": [{"name": "Person", "arguments": {"name": "", "age": 120}}]}, 12)
+
+
+def strict_schema_of(request: dict[str, Any]) -> dict[str, Any]:
+    """The schema LangChain sent: bounded only because it is strict (no properties beyond the listed)."""
+    if "response_format" in request:
+        schema = request["response_format"]["json_schema"]["schema"]
+    else:
+        schema = request["tools"][0]["function"]["parameters"]
+    assert schema["additionalProperties"] is False, schema
+    return schema
 
 
 @pytest.mark.real
 def test_langchain_bind_tools_forced_call(real_server: LiveServer) -> None:
-    def get_weather(city: str) -> str:
-        """Weather for a city."""
-        return city
-
-    llm = chat_model(real_server, max_tokens=60).bind_tools([get_weather], tool_choice="get_weather")
-    message = llm.invoke("What is the weather in Paris?")
+    sent: list[dict[str, Any]] = []
+    llm = chat_model(real_server, max_tokens=WEATHER_BUDGET, http_client=recording_client(sent))
+    forced = llm.bind_tools([GetWeather], tool_choice="GetWeather", strict=True)
+    message = forced.invoke("What is the weather in Paris?")
+    assert strict_schema_of(sent[-1])["properties"]["city"]["maxLength"] == 20
     assert len(message.tool_calls) == 1
-    assert message.tool_calls[0]["name"] == "get_weather"
-    assert isinstance(message.tool_calls[0]["args"]["city"], str)
+    assert message.tool_calls[0]["name"] == "GetWeather"
+    GetWeather.model_validate(message.tool_calls[0]["args"])
 
 
 @pytest.mark.real
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])
 def test_langchain_structured_output(real_server: LiveServer, method: str) -> None:
-    structured = chat_model(real_server, max_tokens=80, temperature=0).with_structured_output(Person, method=method)
-    person = structured.invoke("Invent a person.")
+    sent: list[dict[str, Any]] = []
+    llm = chat_model(real_server, max_tokens=PERSON_BUDGET, temperature=0, http_client=recording_client(sent))
+    person = llm.with_structured_output(Person, method=method, strict=True).invoke("Invent a person.")
+    assert strict_schema_of(sent[-1])["properties"]["name"]["maxLength"] == 12
     assert isinstance(person, Person)
 
 
 @pytest.mark.real
 def test_langchain_json_mode(real_server: LiveServer) -> None:
+    """JSON mode constrains the syntax, not the length, and whether this CPU's greedy words close the
+    object within the budget is not for a test to know: the reply parses when it stops, and when the
+    budget runs out first the client says so and holds the start of a JSON object."""
+    sent: list[dict[str, Any]] = []
     schema = {"title": "thing", "type": "object", "properties": {"a": {"type": "string"}}}
-    structured = chat_model(real_server, max_tokens=60, temperature=0).with_structured_output(
-        schema, method="json_mode"
-    )
-    assert isinstance(structured.invoke("Reply with a JSON object."), dict)
+    llm = chat_model(real_server, max_tokens=60, temperature=0, http_client=recording_client(sent))
+    structured = llm.with_structured_output(schema, method="json_mode", include_raw=True)
+    try:
+        result = structured.invoke("Reply with a JSON object.")
+    except openai.LengthFinishReasonError as cut:
+        (choice,) = cut.completion.choices
+        assert choice.finish_reason == "length" and cut.completion.usage.completion_tokens == 60
+        assert choice.message.content.lstrip().startswith("{")
+    else:
+        assert result["raw"].response_metadata["finish_reason"] == "stop"
+        assert result["parsing_error"] is None
+        assert result["parsed"] == json.loads(result["raw"].content) and isinstance(result["parsed"], dict)
+    assert sent[-1]["response_format"] == {"type": "json_object"}
 
 
 @pytest.mark.real
@@ -199,10 +245,15 @@ def test_llamaindex_openai_like_completion_and_chat_stream(real_server: LiveServ
 
     common = {"model": "light", "api_base": real_server.url + "/v1", "api_key": "x", "max_tokens": 8, "max_retries": 0}
     completion = OpenAILike(**common).complete("The sky is")  # is_chat_model=False: /v1/completions
-    assert isinstance(completion.text, str)
+    assert completion.raw.object == "text_completion"
+    assert completion.additional_kwargs["completion_tokens"] <= 8
     chat = OpenAILike(**common, is_chat_model=True)
-    pieces = [r.delta for r in chat.stream_chat([ChatMessage(role="user", content="Hi")])]
-    assert pieces and all(isinstance(p, str) for p in pieces if p is not None)
+    responses = list(chat.stream_chat([ChatMessage(role="user", content="Hi")]))
+    chunks = [r.raw for r in responses]
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"])  # the stream ran to its end, once
+    assert len([r for r in responses if r.delta]) <= 8  # at most one text delta per token
 
 
 @pytest.mark.real

@@ -19,8 +19,10 @@ import httpx
 import pytest
 
 from tests.conftest import FAKE_ENV, LiveServer, real_settings
+from tests.waiting import DEADLINE_S
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+DEADLINE_MS = int(DEADLINE_S * 1000)  # Playwright's waits are in milliseconds
 KEY = "sk-dashboard-test"
 # Function-form predicates: a bare expression would be eval()ed in the page, which its CSP forbids.
 READY = "() => document.querySelector('#tiers tr[data-tier=light] td.state').textContent === 'ready'"
@@ -137,6 +139,7 @@ class Page:
 
     def __init__(self, browser: Any) -> None:
         self.context = browser.new_context(viewport={"width": 1280, "height": 1000})
+        self.context.set_default_timeout(DEADLINE_MS)  # every wait_for_* and action, unless it says more
         self.page = self.context.new_page()
         self.errors: list[str] = []
         self.page.on("console", lambda m: self.errors.append(f"console: {m.text}") if m.type == "error" else None)
@@ -148,7 +151,7 @@ class Page:
         page.wait_for_function("() => document.getElementById('conn').textContent.includes('API key')")
         page.fill("#api-key", KEY)
         page.click("#api-key-save")
-        page.wait_for_selector("#tiers tbody tr[data-tier=light]", timeout=15_000)
+        page.wait_for_selector("#tiers tbody tr[data-tier=light]")
         return page
 
     def state_of(self, tier: str) -> str:
@@ -185,7 +188,7 @@ def test_page_loads_and_playground_streams_a_gemma_reply(dashboard_server: LiveS
     assert "done:" in p.inner_text("#pg-status")
     # The tier table and the traffic numbers follow (polled from /admin/status or /health, and /metrics).
     p.wait_for_function(READY)
-    p.wait_for_function("() => Number(document.getElementById('stat-tokens').textContent) > 0", timeout=15_000)
+    p.wait_for_function("() => Number(document.getElementById('stat-tokens').textContent) > 0")
     ARTIFACTS.mkdir(exist_ok=True)
     p.screenshot(path=str(ARTIFACTS / "admin-dashboard.png"), full_page=True)
     assert page.errors == []
@@ -202,13 +205,13 @@ def test_unload_button_unloads_the_tier(dashboard_server: LiveServer, page: Page
         button = "#tiers tr[data-tier=light] button[data-action=unload]"
         p.wait_for_selector(f"{button}:not([disabled])")
         p.click(button)
-        p.wait_for_function(READY.replace("'ready'", "'unloaded'"), timeout=30_000)
+        p.wait_for_function(READY.replace("'ready'", "'unloaded'"))
         assert http.get("/health").json()["tiers"]["light"]["state"] == "unloaded"
         ARTIFACTS.mkdir(exist_ok=True)
         p.screenshot(path=str(ARTIFACTS / "admin-dashboard-unloaded.png"), full_page=True)
         if "/admin/tiers/{tier}/load" in dashboard_server.app.openapi().get("paths", {}):
             p.click("#tiers tr[data-tier=light] button[data-action=load]")
-            p.wait_for_function(READY, timeout=60_000)
+            p.wait_for_function(READY)
             assert http.get("/health").json()["tiers"]["light"]["state"] == "ready"
     assert page.errors == []
 
@@ -239,7 +242,7 @@ def test_playground_embeddings_and_rerank(request: pytest.FixtureRequest, make_c
     live: LiveServer = request.getfixturevalue("real_server")  # MiniLM embedding + similarity reranker, no key
     p = page.page
     p.goto(live.url + "/admin")
-    p.wait_for_function("() => document.getElementById('conn').textContent.startsWith('live')", timeout=15_000)
+    p.wait_for_function("() => document.getElementById('conn').textContent.startsWith('live')")
     p.select_option("#pg-mode", "embeddings")
     p.wait_for_function("() => document.getElementById('pg-tier').value === 'embedding'")
     p.fill("#pg-input", "the cat sat on the mat\nquantum chromodynamics")

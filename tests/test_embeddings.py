@@ -160,15 +160,3 @@ def test_tei_embed_matches_openai_route(api: TestClient) -> None:
 
 def test_tei_embed_sparse_needs_a_sparse_model(api: TestClient) -> None:
     assert_error(api.post("/embed_sparse", json={"inputs": "x"}), 400, "supports: dense")
-
-
-def test_a_missing_backend_is_a_503_envelope(make_client: Any) -> None:
-    """Over the fakes (which register no embedding or rerank loaders): the tier fails to load cleanly."""
-    from tests.conftest import FAKE_ENV
-
-    env = {**FAKE_ENV, "EMBEDDING_MODEL_PATH": "/models/fake-embedder", "RERANKER_BACKEND": "similarity"}
-    client = make_client(env)
-    error = assert_error(client.post("/v1/embeddings", json={"model": "embedding", "input": "x"}), 503, "embedding")
-    assert error["code"] == "model_unavailable"
-    rerank = client.post("/v1/rerank", json={"model": "reranker", "query": "q", "documents": ["d"]})
-    assert_error(rerank, 503, "reranker")

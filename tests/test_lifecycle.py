@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from core.errors import ModelUnavailable, Overloaded
 from model_manager import LOADING, READY, UNLOADED, ModelManager
 from tests.conftest import FAKE_ENV
 from tests.fakes import FakeRegistry
+from tests.waiting import wait_for, wait_for_async
 
 GIB = 1024**3
 THREE_TIERS = {**FAKE_ENV, "HEAVY_MODEL_PATH": "/models/fake-70b.gguf"}
@@ -42,14 +42,6 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(scenario())
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Yield to the event loop until `predicate` holds (a deadline, not a sleep)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.005)
-
-
 async def use(manager: ModelManager, tier: str) -> None:
     async with manager.lease(tier):
         pass
@@ -67,7 +59,7 @@ def test_nothing_loads_until_first_use_and_concurrent_first_uses_load_once() -> 
         assert registry.loads == {}
         first = asyncio.ensure_future(manager.ensure_loaded("light"))
         second = asyncio.ensure_future(manager.ensure_loaded("light"))
-        await until(lambda: manager.tiers["light"].state == LOADING)
+        await wait_for_async(lambda: manager.tiers["light"].state == LOADING, "light loading")
         registry.load_gate.set()
         workers = await asyncio.gather(first, second)
         assert workers[0] is workers[1]
@@ -88,7 +80,7 @@ def test_preload_starts_loading_in_the_background() -> None:
         assert manager.status("medium")["state"] == "loading"
         assert manager.status("light")["state"] == "unloaded"
         registry.load_gate.set()
-        await until(lambda: manager.tiers["medium"].state == READY)
+        await wait_for_async(lambda: manager.tiers["medium"].state == READY, "medium ready")
         await manager.close()
 
     run(scenario)
@@ -148,10 +140,7 @@ def test_the_background_watch_unloads_an_idle_tier(make_client: Any) -> None:
     client = make_client({**FAKE_ENV, "LIGHT_TTL": "0.2"})
     body = {"model": "light", "messages": [{"role": "user", "content": "hi"}]}
     assert client.post("/v1/chat/completions", json=body).status_code == 200
-    deadline = time.monotonic() + 15
-    while client.get("/admin/status").json()["tiers"]["light"]["state"] != "unloaded":
-        assert time.monotonic() < deadline, "the idle tier was not unloaded"
-        threading.Event().wait(0.05)
+    wait_for(lambda: client.get("/admin/status").json()["tiers"]["light"]["state"] == "unloaded", "the idle unload")
     assert client.post("/v1/chat/completions", json=body).status_code == 200  # and loads again on demand
 
 
@@ -229,9 +218,11 @@ def test_a_waiting_load_proceeds_when_a_busy_tier_becomes_idle() -> None:
                 await release.wait()
 
         holders = [asyncio.ensure_future(hold(t)) for t in ("light", "medium")]
-        await until(lambda: manager.tiers["light"].state == manager.tiers["medium"].state == READY)
+        await wait_for_async(
+            lambda: manager.tiers["light"].state == manager.tiers["medium"].state == READY, "light and medium ready"
+        )
         waiting = asyncio.ensure_future(use(manager, "heavy"))
-        await until(lambda: manager.tiers["heavy"].state == LOADING)
+        await wait_for_async(lambda: manager.tiers["heavy"].state == LOADING, "heavy loading (waiting for memory)")
         assert not waiting.done()
         release.set()
         await asyncio.gather(*holders)
@@ -260,6 +251,12 @@ def test_the_estimate_of_a_model_file_is_its_size(tmp_path: Any) -> None:
     model.write_bytes(b"x" * 12345)
     tier = load_settings({"LIGHT_MODEL_PATH": str(model), "EMBEDDING_MODEL_PATH": "", "RERANKER_MODEL_PATH": ""})
     assert estimate_model_bytes(tier.tiers["light"]) == 12345
+
+
+@pytest.mark.real
+def test_the_estimate_of_the_packaged_gemma_is_its_parts() -> None:
+    from model_manager import estimate_model_bytes
+
     packaged = load_settings({"EMBEDDING_MODEL_PATH": "", "RERANKER_MODEL_PATH": ""}).tiers["light"]
     assert estimate_model_bytes(packaged) > 100_000_000  # the Gemma 270M GGUF's parts, not assembled
 

@@ -6,7 +6,6 @@ import json
 import logging
 import re
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +20,7 @@ from middleware import request_context
 from server import create_app
 from tests.conftest import FAKE_ENV, LiveServer
 from tests.fakes import FakeRegistry
+from tests.waiting import DEADLINE_S, wait_for
 
 CHAT = {"model": "light", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -38,17 +38,6 @@ def scrape(client: Any, headers: dict[str, str] | None = None) -> dict[tuple[str
 
 def value(samples: dict[Any, float], name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
-
-
-def wait_for(predicate: Any, what: str, deadline_s: float = 20.0) -> Any:
-    """Poll until `predicate()` is truthy (a deadline, not a sleep, is what the test waits on)."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        threading.Event().wait(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ---------------------------------------------------------------- request metrics
@@ -127,14 +116,14 @@ def gated_server() -> Iterator[tuple[LiveServer, FakeRegistry]]:
 
 def test_in_flight_and_queue_depth_are_live(gated_server: tuple[LiveServer, FakeRegistry]) -> None:
     live, registry = gated_server
-    with httpx.Client(base_url=live.url, timeout=30) as http:
+    with httpx.Client(base_url=live.url, timeout=DEADLINE_S) as http:
         assert http.post("/v1/chat/completions", json=CHAT).status_code == 200  # loads the tier
         gate = threading.Event()
         registry.models["light"].step_gate = gate  # every decode step now waits for the gate
         results: list[int] = []
 
         def call() -> None:
-            with httpx.Client(base_url=live.url, timeout=30) as own:
+            with httpx.Client(base_url=live.url, timeout=DEADLINE_S) as own:
                 results.append(own.post("/v1/chat/completions", json=CHAT).status_code)
 
         threads = [threading.Thread(target=call) for _ in range(2)]
@@ -154,7 +143,7 @@ def test_in_flight_and_queue_depth_are_live(gated_server: tuple[LiveServer, Fake
         finally:
             gate.set()
             for thread in threads:
-                thread.join(30)
+                thread.join(DEADLINE_S)
         assert results == [200, 200]
         idle = scrape(http)
         assert value(idle, "llmservice_in_flight_requests", tier="light") == 0

@@ -14,6 +14,7 @@ import pytest
 
 from core.errors import InvalidRequest, Overloaded
 from core.microbatch import BatchWorker
+from tests.waiting import DEADLINE_S
 
 
 class RecordingModel:
@@ -39,10 +40,10 @@ def hold(worker: BatchWorker) -> tuple[threading.Event, Future[Any]]:
 
     def blocker(model: Any) -> None:
         entered.set()
-        gate.wait(10)
+        gate.wait(DEADLINE_S)
 
     future = worker.submit(blocker)
-    assert entered.wait(10)
+    assert entered.wait(DEADLINE_S)
     return gate, future
 
 
@@ -50,7 +51,7 @@ def hold(worker: BatchWorker) -> tuple[threading.Event, Future[Any]]:
 def worker() -> Any:
     model = RecordingModel()
     w = BatchWorker(lambda: model, "test", max_queue=16, wait_ms=0, max_batch=8)
-    w.ready.result(10)
+    w.ready.result(DEADLINE_S)
     yield w
     w.shutdown()
 
@@ -59,7 +60,7 @@ def test_queued_requests_merge_and_split_in_order(worker: BatchWorker) -> None:
     gate, _ = hold(worker)
     futures = [worker.submit_batch("k", [i, i + 100], double) for i in range(3)]
     gate.set()
-    assert [f.result(10) for f in futures] == [[0, 200], [2, 202], [4, 204]]
+    assert [f.result(DEADLINE_S) for f in futures] == [[0, 200], [2, 202], [4, 204]]
     assert worker.model.batches == [[0, 100, 1, 101, 2, 102]]
     assert worker.largest_batch == 3
 
@@ -70,7 +71,7 @@ def test_different_keys_never_merge(worker: BatchWorker) -> None:
     b = worker.submit_batch("b", [2], double)
     c = worker.submit_batch("a", [3], double)
     gate.set()
-    assert (a.result(10), b.result(10), c.result(10)) == ([2], [4], [6])
+    assert (a.result(DEADLINE_S), b.result(DEADLINE_S), c.result(DEADLINE_S)) == ([2], [4], [6])
     assert worker.model.batches == [[1, 3], [2]]
 
 
@@ -78,7 +79,7 @@ def test_max_batch_caps_a_merged_batch(worker: BatchWorker) -> None:
     gate, _ = hold(worker)
     futures = [worker.submit_batch("k", [i] * 3, double) for i in range(4)]  # 12 inputs, max_batch 8
     gate.set()
-    assert [f.result(10) for f in futures] == [[2 * i] * 3 for i in range(4)]
+    assert [f.result(DEADLINE_S) for f in futures] == [[2 * i] * 3 for i in range(4)]
     assert [len(b) for b in worker.model.batches] == [6, 6]
 
 
@@ -88,15 +89,15 @@ def test_a_bad_request_fails_alone(worker: BatchWorker) -> None:
     bad = worker.submit_batch("k", [-1], double)
     other = worker.submit_batch("k", [3], double)
     gate.set()
-    assert good.result(10) == [2, 4] and other.result(10) == [6]
+    assert good.result(DEADLINE_S) == [2, 4] and other.result(DEADLINE_S) == [6]
     with pytest.raises(InvalidRequest):
-        bad.result(10)
+        bad.result(DEADLINE_S)
 
 
 def test_a_full_queue_is_refused_at_once() -> None:
     model = RecordingModel()
     w = BatchWorker(lambda: model, "tiny", max_queue=1, wait_ms=0, max_batch=8)
-    w.ready.result(10)
+    w.ready.result(DEADLINE_S)
     gate, _ = hold(w)
     try:
         w.submit_batch("k", [1], double)
@@ -115,7 +116,7 @@ def test_a_cancelled_request_is_skipped(worker: BatchWorker) -> None:
     kept = worker.submit_batch("k", [8], double)
     assert dropped.cancel()
     gate.set()
-    assert kept.result(10) == [16]
+    assert kept.result(DEADLINE_S) == [16]
     assert worker.model.batches == [[8]]
 
 
@@ -133,11 +134,11 @@ def test_micro_batched_embeddings_equal_unbatched_ones(minilm_path: Any) -> None
         w.ready.result(120)
         texts = [f"sentence number {i} about {topic}" for i, topic in enumerate(["cats", "rivers", "tax", "jazz"] * 4)]
         run = _embed_run(("dense",), False)
-        alone = [w.submit_batch(("embed", ("dense",), False), [t], run).result(60)[0].dense for t in texts]
+        alone = [w.submit_batch(("embed", ("dense",), False), [t], run).result(DEADLINE_S)[0].dense for t in texts]
         gate, _ = hold(w)
         futures = [w.submit_batch(("embed", ("dense",), False), [t], run) for t in texts]
         gate.set()
-        merged = [f.result(60)[0].dense for f in futures]
+        merged = [f.result(DEADLINE_S)[0].dense for f in futures]
         assert w.largest_batch == len(texts)
     finally:
         w.shutdown()
@@ -150,16 +151,16 @@ def test_a_request_that_waited_past_the_queue_timeout_gets_a_503() -> None:
     model = RecordingModel()
     now = [100.0]  # a clock the test moves
     w = BatchWorker(lambda: model, "slow", max_queue=4, wait_ms=0, max_batch=8, queue_timeout=30, clock=lambda: now[0])
-    w.ready.result(10)
+    w.ready.result(DEADLINE_S)
     try:
         gate, _ = hold(w)
         late = w.submit_batch("k", [1], double)
         now[0] += 31
         on_time = w.submit_batch("k", [2], double)
         gate.set()
-        assert on_time.result(10) == [4]
+        assert on_time.result(DEADLINE_S) == [4]
         with pytest.raises(Overloaded) as refused:
-            late.result(10)
+            late.result(DEADLINE_S)
         assert refused.value.status == 503 and "Waited over" in refused.value.message
         assert model.batches == [[2]]
     finally:

@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 
 from ops.lifecycle import bind_socket, read_port_file, remove_port_file, write_port_file
-from tests.processes import ServerProcess, wait_for
+from tests.processes import ServerProcess
+from tests.waiting import wait_for
 
 
 def start(processes: list[ServerProcess], workdir: Path, **env: str) -> ServerProcess:
@@ -127,7 +128,7 @@ def test_a_second_instance_names_the_running_one_and_leaves_its_file(
 
 def test_two_instances_started_at_once_one_serves(processes: list[ServerProcess], tmp_path: Path) -> None:
     pair = [start(processes, tmp_path), start(processes, tmp_path)]
-    wait_for(lambda: any(p.proc.poll() is not None for p in pair), 60, "one instance exiting")
+    wait_for(lambda: any(p.proc.poll() is not None for p in pair), "one instance exiting")
     loser = next(p for p in pair if p.proc.poll() is not None)
     winner = next(p for p in pair if p is not loser)
     assert loser.proc.returncode == 1
@@ -140,5 +141,5 @@ def test_two_instances_started_at_once_one_serves(processes: list[ServerProcess]
 def test_a_stale_port_file_from_a_dead_instance_is_replaced(processes: list[ServerProcess], tmp_path: Path) -> None:
     (tmp_path / ".port").write_text("1\n")  # left by a crash: nobody holds the lock
     server = start(processes, tmp_path)
-    wait_for(lambda: server.read_port() not in (None, 1), 60, "the new port")
+    wait_for(lambda: server.read_port() not in (None, 1), "the new port")
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200

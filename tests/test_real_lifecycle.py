@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import REPO, wait_for
+from tests.processes import REPO
+from tests.waiting import DEADLINE_S, wait_for
 
 pytestmark = pytest.mark.real
 
@@ -36,13 +37,13 @@ def gemma_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, str(REPO / "server.py")], cwd=tmp_path, env=env, stdout=log, stderr=log)
     try:
-        wait_for(lambda: port_file.exists() or proc.poll() is not None, 120, "the .port file")
+        wait_for(lambda: port_file.exists() or proc.poll() is not None, "the .port file")
         assert proc.poll() is None, (tmp_path / "server.log").read_text()
         yield proc, port_file
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+            proc.wait(DEADLINE_S)
         log.close()
 
 
@@ -66,5 +67,5 @@ def test_gemma_loads_on_demand_caches_and_exits_cleanly(gemma_server: tuple[subp
         assert replayed == miss.json()["choices"][0]["message"]["content"]
         assert client.post("/admin/tiers/light/unload").json()["state"] == "unloaded"
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0
+    assert proc.wait(DEADLINE_S) == 0
     assert not port_file.exists()

@@ -1,14 +1,14 @@
 """Drain and exit of a real server process: SIGTERM, Ctrl-C and inactivity auto-shutdown.
 
 Streams are held open by the fake model's HOLD gate (a file the test creates to let them finish), so
-"the stream is still open" is a fact the test controls, not a race against the clock.
+"the stream is still open" is a fact the test controls, not a race against the clock. Every wait is on
+an event (a process exiting, a stream ending, a status changing), never on time passing.
 """
 
 from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.processes import ServerProcess, wait_for
+from tests.processes import ServerProcess
+from tests.waiting import DEADLINE_S, wait_for
 
 CHAT = {"model": "light", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -36,11 +37,11 @@ class HeldStream:
         }
         self.thread = threading.Thread(target=self._read, args=(url, body), daemon=True)
         self.thread.start()
-        assert self.started.wait(30), "the stream did not start"
+        assert self.started.wait(DEADLINE_S), "the stream did not start"
 
     def _read(self, url: str, body: dict[str, Any]) -> None:
         try:
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=DEADLINE_S) as response:
                 for line in response.iter_lines():
                     if line.startswith("data: "):
                         data = line.removeprefix("data: ")
@@ -92,10 +93,10 @@ def test_a_signal_drains_then_exits_cleanly(processes: list[ServerProcess], work
     url = server.url
     stream = HeldStream(url, workdir)
     server.signal(sig)
-    wait_for(lambda: shutting_down(url), 30, "503 for new requests")
+    wait_for(lambda: shutting_down(url), "503 for new requests")
     assert not stream.finished.is_set()
     stream.release()
-    assert stream.finished.wait(30)
+    assert stream.finished.wait(DEADLINE_S)
     assert stream.events[-1] == "[DONE]" and stream.text.startswith("echo: HOLD:")
     assert server.wait() == 0
     assert not server.port_file.exists()
@@ -107,7 +108,7 @@ def test_the_drain_deadline_cancels_what_is_left(processes: list[ServerProcess],
     stream = HeldStream(server.url, workdir)
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
-    assert stream.finished.wait(30)
+    assert stream.finished.wait(DEADLINE_S)
     assert stream.events[-1]["error"]["code"] == "request_cancelled"
     assert "[DONE]" not in stream.events
     assert "cancelling 1 request" in server.log
@@ -115,24 +116,28 @@ def test_the_drain_deadline_cancels_what_is_left(processes: list[ServerProcess],
 
 
 def test_inactivity_shutdown_waits_for_an_open_stream(processes: list[ServerProcess], workdir: Path) -> None:
-    server = start(processes, workdir, SHUTDOWN_TIMEOUT="1")
+    server = start(processes, workdir, SHUTDOWN_TIMEOUT="0.2")
     stream = HeldStream(server.url, workdir)
-    with pytest.raises(subprocess.TimeoutExpired):
-        server.wait(timeout=4)  # several timeouts pass while the stream is open: still serving
+    # The clock: a second server with the same timeout, started after the stream opened, exits for
+    # inactivity. By then the first one's idle timeout has passed too, while its stream was open.
+    (workdir / "control").mkdir()
+    control = start(processes, workdir / "control", SHUTDOWN_TIMEOUT="0.2")
+    assert control.wait() == 0 and "no requests for" in control.log
+    assert httpx.get(f"{server.url}/health", timeout=DEADLINE_S).status_code == 200
+    assert server.proc.poll() is None
     assert "no requests for" not in server.log  # not even draining
-    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
     stream.release()
-    assert stream.finished.wait(30)
+    assert stream.finished.wait(DEADLINE_S)
     assert stream.events[-1] == "[DONE]"
     assert server.wait() == 0
-    assert "no requests for 1s" in server.log
+    assert "no requests for" in server.log
     assert not server.port_file.exists()
 
 
 def test_an_idle_server_exits_although_monitors_keep_polling(processes: list[ServerProcess], workdir: Path) -> None:
-    server = start(processes, workdir, SHUTDOWN_TIMEOUT="1")
+    server = start(processes, workdir, SHUTDOWN_TIMEOUT="0.5")
     url = server.url
-    assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+    assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=DEADLINE_S).status_code == 200
     polls = 0
 
     def exited_while_polling() -> bool:
@@ -147,6 +152,6 @@ def test_an_idle_server_exits_although_monitors_keep_polling(processes: list[Ser
                 pass  # it is going away
         return server.proc.poll() is not None
 
-    wait_for(exited_while_polling, 60, "exit despite monitoring polls")
+    wait_for(exited_while_polling, "exit despite monitoring polls")
     assert server.wait() == 0 and polls > 0
     assert not server.port_file.exists()
