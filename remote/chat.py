@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -33,7 +34,11 @@ from remote.stream import Exchange, RemoteChoice
 
 log = logging.getLogger("llmservice.remote")
 
+STOPPED = "The request was stopped by the server (tier unloaded or shutting down)"
 PATHS = {"chat": "/chat/completions", "completion": "/completions"}
+# httpx writes a request's headers and body separately: without TCP_NODELAY the second write waits for
+# the upstream's delayed ACK (up to 40 ms a request).
+NO_DELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 LOCAL_ONLY_FIELDS = frozenset({"echo", "stream_options"})  # our formatter echoes; we always ask for usage
 
 
@@ -62,11 +67,11 @@ def _clean(value: JsonValue) -> JsonValue:
 def client_for(config: TierConfig) -> httpx.AsyncClient:
     """One connection pool per tier. Timeouts are ours (first byte, idle), so httpx only bounds the
     connect; proxies from the environment are not used for upstreams."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(None, connect=min(10.0, config.first_byte_timeout)),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-        trust_env=False,
+    transport = httpx.AsyncHTTPTransport(
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256), socket_options=NO_DELAY
     )
+    timeout = httpx.Timeout(None, connect=min(10.0, config.first_byte_timeout))
+    return httpx.AsyncClient(timeout=timeout, transport=transport, trust_env=False)
 
 
 class RemoteChat:
@@ -108,6 +113,8 @@ class RemoteChat:
         tried: list[Upstream] = []
         errors: list[str] = []
         for _ in range(1 + self.config.retries):
+            if self.closing:
+                raise RequestCancelled(STOPPED)
             attempt = self.pool.pick(tried)
             if attempt is None:
                 break
@@ -189,9 +196,7 @@ class RemoteChat:
 
     async def _close(self) -> None:
         for exchange in list(self._exchanges):
-            await exchange.stop(
-                RequestCancelled("The request was stopped by the server (tier unloaded or shutting down)")
-            )
+            await exchange.stop(RequestCancelled(STOPPED))
         await self.client.aclose()
 
 

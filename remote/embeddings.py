@@ -29,6 +29,7 @@ from core.errors import InvalidRequest, Overloaded
 from core.protocols import EmbeddingResult
 from core.turns import JsonObject, JsonValue
 from remote import faults
+from remote.chat import NO_DELAY
 from remote.pool import Pool, Upstream, UpstreamUnavailable, describe
 
 NO_LIMIT = 1 << 31  # the upstream knows its model's limits; `truncate` is passed on to it
@@ -48,11 +49,11 @@ class Upstreams:
         self.config = config
         self.pool = Pool(config.upstream_urls, config.breaker_failures, config.breaker_cooldown, clock)
         self.headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        self.client = httpx.Client(
-            timeout=httpx.Timeout(config.first_byte_timeout, connect=min(10.0, config.first_byte_timeout)),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            trust_env=False,
+        transport = httpx.HTTPTransport(
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64), socket_options=NO_DELAY
         )
+        timeout = httpx.Timeout(config.first_byte_timeout, connect=min(10.0, config.first_byte_timeout))
+        self.client = httpx.Client(timeout=timeout, transport=transport, trust_env=False)
         self.model: str | None = config.upstream_model or None
         self._model_known = bool(config.upstream_model) or config.upstream_api != "openai"
 

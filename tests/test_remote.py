@@ -432,3 +432,19 @@ def test_the_readme_example_configures_remote_tiers() -> None:
     assert tiers["heavy"].model_id == "heavy/Qwen/Qwen2.5-72B-Instruct"
     assert tiers["heavy"].upstream_urls == ("http://gpu1:8000/v1", "http://gpu2:8000/v1")
     assert tiers["light"].backend == "llamacpp"  # untouched tiers keep their defaults
+
+
+def test_unloading_the_tier_ends_a_stream_in_flight_with_one_error(upstream: StartUpstream) -> None:
+    stalled, url = upstream("stalled")
+    stalled.stall_after_first = True
+    env = {**FAKE_ENV, "MEDIUM_MODEL_PATH": "", "MEDIUM_UPSTREAMS": url, "MEDIUM_UPSTREAM_MODEL": "m"}
+    app = create_app(load_settings(env), {"turns:remote": load_remote_chat})
+    with LiveServer(app) as live, ThreadPoolExecutor(1) as pool:
+        body = {"model": "medium", "messages": [{"role": "user", "content": "SAY:abcdef"}], "stream": True}
+        streamed = pool.submit(httpx.post, f"{live.url}/v1/chat/completions", json=body, timeout=DEADLINE_S)
+        health = lambda: httpx.get(f"{live.url}/health").json()["tiers"]["medium"]  # noqa: E731
+        wait_for(lambda: health().get("active") == 1, "the stream in flight")
+        assert httpx.post(f"{live.url}/admin/tiers/medium/unload?force=true").status_code == 200
+        events = sse_events(streamed.result())
+    assert streamed_text(events) == ["ab"] and "[DONE]" not in events
+    assert events[-1]["error"]["code"] == "request_cancelled"
