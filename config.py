@@ -23,6 +23,7 @@ TIERS = (*CHAT_TIERS, "embedding", "reranker")
 CHAT_BACKENDS = ("llamacpp", "mlx", "remote")
 EMBEDDING_BACKENDS = ("sentence_transformers", "bge_m3", "llamacpp", "remote")
 RERANKER_BACKENDS = ("cross_encoder", "flag_reranker", "llamacpp", "similarity", "remote")
+LB_POLICIES = ("least_outstanding", "round_robin", "session")  # how a remote tier picks an upstream (remote/pool.py)
 _BACKEND_ALIASES = {
     "llama.cpp": "llamacpp",
     "llama_cpp": "llamacpp",
@@ -143,6 +144,7 @@ TIER_KEYS: tuple[TierKey, ...] = (
     TierKey("upstreams", "list", (), "remote upstream base URLs, comma-separated: a pool", cache_key=True),
     TierKey("upstream_model", "str", "", "model name sent upstream; empty = the upstream's only one", cache_key=True),
     TierKey("upstream_api", "lower", "openai", "embedding/rerank upstream wire: openai | tei", cache_key=False),
+    TierKey("lb_policy", "lower", "least_outstanding", "least_outstanding | round_robin | session", cache_key=False),
     TierKey("retries", "int", 2, "more attempts on other upstreams, before any byte", minimum=0, cache_key=False),
     TierKey("first_byte_timeout", "float", 60.0, "seconds to an upstream's first event", minimum=0.01, cache_key=False),
     TierKey("stream_idle_timeout", "float", 60.0, "seconds a stream may stay silent", minimum=0.01, cache_key=False),
@@ -218,6 +220,7 @@ class TierConfig:
     upstreams: tuple[str, ...] = _tier_default("upstreams")
     upstream_model: str = _tier_default("upstream_model")
     upstream_api: str = _tier_default("upstream_api")
+    lb_policy: str = _tier_default("lb_policy")
     retries: int = _tier_default("retries")
     first_byte_timeout: float = _tier_default("first_byte_timeout")
     stream_idle_timeout: float = _tier_default("stream_idle_timeout")
@@ -433,6 +436,8 @@ def _check_upstreams(config: TierConfig) -> None:
             f"{prefix}_BACKEND is 'remote' but no upstream is set "
             f"(set {prefix}_UPSTREAMS, {prefix}_BASE_URL or an http(s):// {prefix}_MODEL_PATH)"
         )
+    if config.lb_policy not in LB_POLICIES:
+        raise ConfigError(f"{prefix}_LB_POLICY has value {config.lb_policy!r}: use {', '.join(LB_POLICIES)}")
     if config.upstream_api not in ("openai", "tei"):
         raise ConfigError(f"{prefix}_UPSTREAM_API has value {config.upstream_api!r}: use openai or tei")
 

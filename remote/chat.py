@@ -64,6 +64,12 @@ def _clean(value: JsonValue) -> JsonValue:
     return value
 
 
+def session_key(request: TurnRequest) -> str | None:
+    """What keeps a conversation on one upstream under the "session" policy: the body's `user`."""
+    user = request.wire.get("user")
+    return user if isinstance(user, str) and user else None
+
+
 def client_for(config: TierConfig) -> httpx.AsyncClient:
     """One connection pool per tier. Timeouts are ours (first byte, idle), so httpx only bounds the
     connect; proxies from the environment are not used for upstreams."""
@@ -84,7 +90,9 @@ class RemoteChat:
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self.config = config
-        self.pool = Pool(config.upstream_urls, config.breaker_failures, config.breaker_cooldown, clock)
+        self.pool = Pool(
+            config.upstream_urls, config.breaker_failures, config.breaker_cooldown, clock, config.lb_policy
+        )
         self.client = client or client_for(config)
         self.headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self.ready: Future[None] = Future()
@@ -115,7 +123,7 @@ class RemoteChat:
         for _ in range(1 + self.config.retries):
             if self.closing:
                 raise RequestCancelled(STOPPED)
-            attempt = self.pool.pick(tried)
+            attempt = self.pool.pick(tried, session_key(request))
             if attempt is None:
                 break
             tried.append(attempt.upstream)

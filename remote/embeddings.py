@@ -47,7 +47,9 @@ class Upstreams:
 
     def __init__(self, config: TierConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.pool = Pool(config.upstream_urls, config.breaker_failures, config.breaker_cooldown, clock)
+        self.pool = Pool(
+            config.upstream_urls, config.breaker_failures, config.breaker_cooldown, clock, config.lb_policy
+        )
         self.headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         transport = httpx.HTTPTransport(
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64), socket_options=NO_DELAY

@@ -7,6 +7,12 @@ exactly once with what happened: "ok" (the upstream answered, even with a 400), 
 error, 5xx, 429, 408, a stall, a stream that died) or "neutral" (our client left; says nothing about
 the upstream).
 
+Policies (`{TIER}_LB_POLICY`): "least_outstanding" (the default, above); "round_robin" (the next
+upstream in turn, however busy); "session": rendezvous hashing of the request's session key (the
+body's `user`), so one conversation keeps reaching the upstream that holds its KV prefix, the same
+way on every replica with no shared state; when that upstream is out (or was tried), the next in
+rendezvous order; without a key, least outstanding.
+
 Circuit breaker per upstream: `failures` consecutive faults open it and it is skipped; after the
 cooldown one request may probe it (half-open): success closes it, a fault opens it again with the
 cooldown doubled, up to `MAX_COOLDOWN_FACTOR` times the base. A Retry-After from a 429 or 503 keeps
@@ -16,6 +22,7 @@ as well as the event loop; nothing waits while holding it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
@@ -100,6 +107,7 @@ class Pool:
         failures: int = 3,
         cooldown: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        policy: str = "least_outstanding",
     ) -> None:
         if not urls:
             raise ValueError("a pool needs at least one upstream")
@@ -107,6 +115,7 @@ class Pool:
         self.failures = failures
         self.cooldown = cooldown
         self.clock = clock
+        self.policy = policy
         self._rotation = 0
         self._lock = threading.Lock()
 
@@ -114,21 +123,24 @@ class Pool:
     def in_flight(self) -> int:
         return sum(u.in_flight for u in self.upstreams)
 
-    def pick(self, exclude: Collection[Upstream] = ()) -> Attempt | None:
-        """The least busy upstream that may take a request, counted in flight; None when none may."""
+    def pick(self, exclude: Collection[Upstream] = (), key: str | None = None) -> Attempt | None:
+        """The upstream the policy picks among those that may take a request, counted in flight; None
+        when none may. `key` is the request's session key (used by the "session" policy)."""
         with self._lock:
             now = self.clock()
             count = len(self.upstreams)
             start, self._rotation = self._rotation, (self._rotation + 1) % count
-            best: Upstream | None = None
-            for step in range(count):
-                upstream = self.upstreams[(start + step) % count]
-                if upstream in exclude or not self._admits(upstream, now):
-                    continue
-                if best is None or upstream.in_flight < best.in_flight:
-                    best = upstream
-            if best is None:
+            if self.policy == "session" and key:
+                order = sorted(self.upstreams, key=lambda u: _rendezvous(key, u.url), reverse=True)
+            else:
+                order = [self.upstreams[(start + step) % count] for step in range(count)]
+            candidates = [u for u in order if u not in exclude and self._admits(u, now)]
+            if not candidates:
                 return None
+            if self.policy == "round_robin" or (self.policy == "session" and key):
+                best = candidates[0]
+            else:  # least outstanding; `min` keeps the first of equals, and the order rotates
+                best = min(candidates, key=lambda u: u.in_flight)
             probe = best.state != CLOSED
             if probe:
                 best.state, best.probing = HALF_OPEN, True
@@ -195,6 +207,11 @@ class Pool:
                     entry["retry_in_seconds"] = round(wait, 1)
                 out.append(entry)
             return out
+
+
+def _rendezvous(key: str, url: str) -> int:
+    """A stable score of (session, upstream): the highest wins. Not Python's hash, which is salted per process."""
+    return int.from_bytes(hashlib.blake2b(f"{url}\n{key}".encode(), digest_size=8).digest(), "big")
 
 
 def describe(attempts: Sequence[str]) -> str:

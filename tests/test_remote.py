@@ -448,3 +448,32 @@ def test_unloading_the_tier_ends_a_stream_in_flight_with_one_error(upstream: Sta
         events = sse_events(streamed.result())
     assert streamed_text(events) == ["ab"] and "[DONE]" not in events
     assert events[-1]["error"]["code"] == "request_cancelled"
+
+
+# ---------------------------------------------------------------- session affinity
+
+
+def test_the_same_user_reaches_the_same_upstream(upstream: StartUpstream, front: Front) -> None:
+    stand_ins = [upstream(name) for name in ("a", "b", "c")]
+    client = front([url for _, url in stand_ins], MEDIUM_LB_POLICY="session")
+    answers = {chat(client, "hi", user="alice").json()["choices"][0]["message"]["content"] for _ in range(20)}
+    assert len(answers) == 1  # one upstream, 20 times in a row
+    served = {chat(client, "hi", user=f"user-{i}").json()["choices"][0]["message"]["content"] for i in range(12)}
+    assert len(served) > 1  # different conversations spread
+    home = next(s for s, _ in stand_ins if f"{s.name}: hi" in answers)
+    home.status = 503  # its upstream is out: the next in rendezvous order, every time
+    fallback = {chat(client, "hi", user="alice").json()["choices"][0]["message"]["content"] for _ in range(5)}
+    assert len(fallback) == 1 and fallback != answers
+
+
+def test_rendezvous_picks_agree_across_replicas() -> None:
+    from remote.pool import Pool
+
+    urls = [f"http://gpu{i}:8000/v1" for i in range(5)]
+    one, other = Pool(urls, policy="session"), Pool(list(reversed(urls)), policy="session")
+    for key in (f"session-{i}" for i in range(50)):
+        first, second = one.pick(key=key), other.pick(key=key)
+        assert first is not None and second is not None
+        assert first.upstream.url == second.upstream.url  # no shared state needed
+        first.finish("ok")
+        second.finish("ok")
