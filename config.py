@@ -142,6 +142,7 @@ TIER_KEYS: tuple[TierKey, ...] = (
     TierKey("base_url", "str", "", "one remote upstream (a pool of one; see upstreams)", cache_key=True),
     TierKey("api_key", "str", "", "bearer key for the remote upstreams", cache_key=False),
     TierKey("upstreams", "list", (), "remote upstream base URLs, comma-separated: a pool", cache_key=True),
+    TierKey("spillover_upstreams", "list", (), "a local chat tier's overflow pool (full queue)", cache_key=False),
     TierKey("upstream_model", "str", "", "model name sent upstream; empty = the upstream's only one", cache_key=True),
     TierKey("upstream_api", "lower", "openai", "embedding/rerank upstream wire: openai | tei", cache_key=False),
     TierKey("lb_policy", "lower", "least_outstanding", "least_outstanding | round_robin | session", cache_key=False),
@@ -218,6 +219,7 @@ class TierConfig:
     base_url: str = _tier_default("base_url")
     api_key: str = _tier_default("api_key")
     upstreams: tuple[str, ...] = _tier_default("upstreams")
+    spillover_upstreams: tuple[str, ...] = _tier_default("spillover_upstreams")
     upstream_model: str = _tier_default("upstream_model")
     upstream_api: str = _tier_default("upstream_api")
     lb_policy: str = _tier_default("lb_policy")
@@ -431,6 +433,14 @@ def _check_upstreams(config: TierConfig) -> None:
                     f"{name} has value {url!r} but the {config.name} tier's backend is {config.backend!r} "
                     f"(set {prefix}_BACKEND=remote, or clear {prefix}_MODEL_PATH)"
                 )
+    for url in config.spillover_upstreams:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{prefix}_SPILLOVER_UPSTREAMS has value {url!r}: an upstream is an http(s):// URL")
+        if config.kind != "chat" or config.backend == "remote":
+            raise ConfigError(
+                f"{prefix}_SPILLOVER_UPSTREAMS has value {url!r}: spill-over is for local chat tiers "
+                f"(the {config.name} tier is {config.kind}, backend {config.backend!r})"
+            )
     if config.backend == "remote" and not config.upstream_urls:
         raise ConfigError(
             f"{prefix}_BACKEND is 'remote' but no upstream is set "

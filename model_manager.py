@@ -196,7 +196,12 @@ class ModelManager:
         factory = self._factory(config)
         loader = lambda: factory(config, self.settings)  # noqa: E731
         if config.kind == "chat":
-            return LocalChat(ChatScheduler(loader, config.name, config.max_queue, config.queue_timeout), config)
+            local = LocalChat(ChatScheduler(loader, config.name, config.max_queue, config.queue_timeout), config)
+            if config.spillover_upstreams:  # a full queue overflows to upstream servers instead of a 503
+                from remote.spillover import with_spillover
+
+                return with_spillover(local, config)
+            return local
         # Embedding and rerank tiers micro-batch concurrent requests (microbatch.py).
         return BatchWorker(
             loader, config.name, config.max_queue, config.batch_wait_ms, config.max_batch, config.queue_timeout

@@ -477,3 +477,34 @@ def test_rendezvous_picks_agree_across_replicas() -> None:
         assert first.upstream.url == second.upstream.url  # no shared state needed
         first.finish("ok")
         second.finish("ok")
+
+
+# ---------------------------------------------------------------- spill-over
+
+
+def test_a_spillover_tier_answers_a_burst_beyond_its_queue(upstream: StartUpstream, tmp_path: Path) -> None:
+    gpu, url = upstream("gpu")
+    release = tmp_path / "release"
+    env = {**FAKE_ENV, "LIGHT_MAX_QUEUE": "0", "LIGHT_SPILLOVER_UPSTREAMS": url, "LIGHT_UPSTREAM_MODEL": "m"}
+    app = create_app(load_settings(env), FakeRegistry().factories())
+    with LiveServer(app) as live, ThreadPoolExecutor(8) as pool:
+        body = {"model": "light", "messages": [{"role": "user", "content": f"HOLD:{release} hi"}]}
+        futures = [
+            pool.submit(httpx.post, f"{live.url}/v1/chat/completions", json=body, timeout=DEADLINE_S) for _ in range(8)
+        ]
+        wait_for(lambda: gpu.requests, "a request spilled over")
+        release.touch()  # the local model may go on
+        responses = [future.result() for future in futures]
+        status = httpx.get(f"{live.url}/health").json()["tiers"]["light"]
+    assert [r.status_code for r in responses] == [200] * 8  # zero 503s
+    answers = [r.json()["choices"][0]["message"]["content"] for r in responses]
+    spilled = [a for a in answers if a.startswith("gpu: ")]
+    assert 1 <= len(spilled) < 8 and len(spilled) == len(gpu.requests) == status["spilled"]
+    assert status["upstreams"][0]["requests"] == len(spilled)
+
+
+def test_spillover_is_for_local_chat_tiers() -> None:
+    from config import ConfigError
+
+    with pytest.raises(ConfigError, match="EMBEDDING_SPILLOVER_UPSTREAMS has value 'http://a/v1': spill-over is for"):
+        load_settings({"EMBEDDING_SPILLOVER_UPSTREAMS": "http://a/v1"})
