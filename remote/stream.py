@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 import httpx
 
 from config import TierConfig
-from core.errors import ServiceError
+from core.errors import ClientGone, ServiceError
 from core.events import DoneEvent, ErrorEvent, Event, TextEvent, ToolCallEvent
 from core.turns import JsonObject, JsonValue, Turn, TurnRequest
 from remote import faults
 from remote.pool import Attempt, UpstreamBroke
 
 log = logging.getLogger("llmservice.remote")
+DRAIN_S = 0.25  # what follows [DONE] is the body's end, at once; a server that holds it only costs its connection
 
 
 @dataclass
@@ -100,7 +101,7 @@ class Exchange:
                     return
                 self.lines = response.aiter_lines()
                 while not any(state.queue for state in self.states):
-                    if not await self._read(None):
+                    if not await self._read(None) and not self.complete:
                         raise faults.UpstreamFault("the stream ended before its first event")
                 self.opened = True
         except TimeoutError:
@@ -227,7 +228,7 @@ class Exchange:
             raise faults.UpstreamFault(f"error event: {error.message[:200]}")
         for state in self.states:
             state.end(ErrorEvent(error))
-        self.attempt.finish("ok")
+        self.attempt.finish("fault", f"error event: {error.message[:200]}")
         self.forget(self)
 
     async def _fail(self, reason: str) -> None:
@@ -249,6 +250,8 @@ class Exchange:
         """The turn is over (answer sent, client gone, server stopping): release the upstream."""
         self.closed = True
         self.attempt.finish("neutral")  # a no-op when the answer already settled it
+        for state in self.states:  # a reader still waiting (it should not be) ends too
+            state.end(ErrorEvent(ClientGone("The request was closed")))
         if self.complete and self.lines is not None:
             await self._drain()
         await self._close_response()
@@ -257,7 +260,7 @@ class Exchange:
         """Read what follows [DONE] (the end of the chunked body), so the connection is kept for reuse."""
         assert self.lines is not None
         try:
-            async with asyncio.timeout(1.0):
+            async with asyncio.timeout(DRAIN_S):
                 while await anext(self.lines, None) is not None:
                     pass
         except Exception:  # noqa: BLE001 - it only decides whether the connection is reused

@@ -121,6 +121,13 @@ def test_a_whole_answer_and_its_usage_come_from_the_upstream(upstream: StartUpst
     assert body["model"] == "medium"
 
 
+def test_an_empty_answer_is_an_answer(upstream: StartUpstream, front: Front) -> None:
+    _, url = upstream("gpu")
+    client = front([url])
+    response = chat(client, "SAY:")  # the upstream's first event is its finish: not a stream that died
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == ""
+
+
 def test_text_completions_with_several_choices(upstream: StartUpstream, front: Front) -> None:
     gpu, url = upstream("gpu")
     client = front([url])

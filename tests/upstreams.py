@@ -176,7 +176,7 @@ async def _chat_stream(stand_in: StandIn, body: dict[str, Any]) -> AsyncIterator
             yield _sse(_chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
         yield _sse(_chunk(None, "tool_calls"))
     else:
-        pieces = _pieces(stand_in.reply(body))
+        pieces = _pieces(stand_in.reply(body)) or [""]
         async for data in _faults(stand_in, _sse(_chunk({"content": pieces[0]}))):
             yield data
         if stand_in.error_event_first:
