@@ -171,6 +171,7 @@ SERVER_KEYS: tuple[Key, ...] = (
     Key("cache_persist_to_disk", "bool", False, "also keep entries on disk, across restarts"),
     Key("cache_dir", "path", ".cache/llmservice", "the disk cache's folder"),
     Key("api_keys", "list", (), "comma-separated bearer keys; empty = no auth"),
+    Key("api_keys_file", "path", "", "a TOML file of named keys with tiers and rate limits; empty = none"),
     Key("cors_origins", "list", (), "comma-separated CORS origins; empty = CORS off"),
     Key("allowed_hosts", "list", (), "Host header names accepted besides loopback names"),
     Key("max_memory_gb", "float", 0.0, "memory budget for loaded models; 0 = no budget", minimum=0.0),
@@ -280,6 +281,7 @@ class Settings:
     cache_persist_to_disk: bool = _server_default("cache_persist_to_disk")
     cache_dir: str = _server_default("cache_dir")
     api_keys: tuple[str, ...] = _server_default("api_keys")
+    api_keys_file: str = _server_default("api_keys_file")
     cors_origins: tuple[str, ...] = _server_default("cors_origins")
     allowed_hosts: tuple[str, ...] = _server_default("allowed_hosts")
     max_memory_gb: float = _server_default("max_memory_gb")
@@ -287,6 +289,11 @@ class Settings:
     port_file: str = _server_default("port_file")
     max_body_bytes: int = _server_default("max_body_bytes")
     header_timeout: float = _server_default("header_timeout")
+
+    @property
+    def keys_configured(self) -> bool:
+        """Requests need a key: anonymous ones (API_KEYS), named ones (API_KEYS_FILE) or both."""
+        return bool(self.api_keys or self.api_keys_file)
 
 
 # ---------------------------------------------------------------- reading the table
@@ -506,9 +513,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     if values["log_level"] not in _LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL has value {values['log_level']!r}: use debug, info, warning, error or critical")
     host = values["host"]
-    if not values["api_keys"] and not _is_loopback(host):
+    if not values["api_keys"] and not values["api_keys_file"] and not _is_loopback(host):
         raise ConfigError(
-            f"HOST has value {host!r}: listening beyond this machine needs API_KEYS "
+            f"HOST has value {host!r}: listening beyond this machine needs API_KEYS or API_KEYS_FILE "
             "(set API_KEYS=<key>[,<key>...], or HOST=127.0.0.1)"
         )
     _check_cors_origins(values["cors_origins"])

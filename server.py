@@ -10,7 +10,7 @@ import contextlib
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 
@@ -19,19 +19,27 @@ from config import ConfigError, Settings, load_settings, read_environment
 from core.protocols import Factory
 from model_manager import ModelManager, default_factories
 
+if TYPE_CHECKING:
+    from middleware.limits import Limiter
+
 # ---------------------------------------------------------------- app
 
 
-def create_app(settings: Settings, factories: Mapping[str, Factory] | None = None) -> FastAPI:
-    """Build the service for `settings`; `factories` replaces the model loaders (tests use fakes)."""
-    from api import admin, chat, dashboard, rag
+def create_app(
+    settings: Settings, factories: Mapping[str, Factory] | None = None, limiter: Limiter | None = None
+) -> FastAPI:
+    """Build the service for `settings`; `factories` replaces the model loaders (tests use fakes), `limiter`
+    the in-process rate limiter (tests drive its clock). A bad API_KEYS_FILE raises `ConfigError`."""
+    from api import admin, chat, dashboard, ollama, rag
     from api.error_handlers import install_error_handlers
     from api.state import AppState
     from middleware import stack
     from middleware.activity import Activity
+    from middleware.keys import KeyStore
     from middleware.security import is_authenticated
     from ops import metrics
 
+    keys = KeyStore(settings.api_keys, settings.api_keys_file)
     manager = ModelManager(settings, factories if factories is not None else default_factories())
     cache = ResponseCache(settings)
 
@@ -40,7 +48,8 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
         manager.preload()
         manager.start_idle_watch()
         try:
-            yield
+            with keys.reload_on_sighup():
+                yield
         finally:
             await manager.close()
             cache.close()
@@ -49,23 +58,27 @@ def create_app(settings: Settings, factories: Mapping[str, Factory] | None = Non
     state = AppState(settings, manager, cache, Activity(), metrics.Metrics(manager), started=time.time())
     app.state.llm = state
     install_error_handlers(app)
-    stack.install(app, settings, state.activity, state.metrics)
-    for prefix in ("/v1", ""):
+    stack.install(app, settings, state.activity, state.metrics, keys, limiter)
+    # "/api/v1" and "/api/admin" are the replaced servers' prefixes; Ollama's API owns the rest of "/api".
+    for prefix in ("/v1", "", "/api/v1"):
         app.include_router(chat.router, prefix=prefix)
         app.include_router(rag.router, prefix=prefix)
     app.include_router(rag.extra_router)
     app.include_router(admin.router)
+    app.include_router(admin.router, prefix="/api")
+    app.include_router(ollama.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
 
-    @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
         tiers = {name: manager.status(name) for name in manager.tiers}
         status = "degraded" if any(t["state"] == "failed" for t in tiers.values()) else "ok"
-        if settings.api_keys and not is_authenticated(request.scope):
+        if settings.keys_configured and not is_authenticated(request.scope):
             return {"status": status}  # liveness only: model names and failure reasons need a key
         return {"status": status, "uptime_seconds": round(time.time() - state.started, 1), "tiers": tiers}
 
+    for path in ("/health", "/api/v1/health"):
+        app.add_api_route(path, health, methods=["GET"])
     return app
 
 
@@ -82,7 +95,12 @@ def main(argv: list[str] | None = None, factories: Mapping[str, Factory] | None 
         sys.stderr.write(f"llmservice: configuration error: {exc}\n")  # logging is not set up yet
         return 2
     configure_logging(settings.log_level.upper() if settings.log_level != "trace" else "DEBUG")
-    return lifecycle.serve(create_app(settings, factories), settings)
+    try:
+        app = create_app(settings, factories)
+    except ConfigError as exc:  # the key file is read here
+        sys.stderr.write(f"llmservice: configuration error: {exc}\n")
+        return 2
+    return lifecycle.serve(app, settings)
 
 
 if __name__ == "__main__":

@@ -244,7 +244,8 @@ def _owned_by(tier: TierConfig) -> str:
 async def list_models(request: Request) -> JSONResponse:
     state = app_state(request)
     created = int(state.started)
-    cards = [ModelCard(id=t.model_id, created=created, owned_by=_owned_by(t)) for t in state.settings.tiers.values()]
+    tiers = [t for t in state.settings.tiers.values() if request_context.tier_allowed(t.name)]  # the key's tiers
+    cards = [ModelCard(id=t.model_id, created=created, owned_by=_owned_by(t)) for t in tiers]
     return JSONResponse(ModelList(data=cards).model_dump())
 
 
@@ -260,6 +261,7 @@ async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
             if exc.status == 404:
                 raise
     assert resolution is not None
+    request_context.note_tier(resolution.tier)  # 403 for a key restricted to other tiers
     tier = state.settings.tiers[resolution.tier]
     card = ModelCard(id=tier.model_id, created=int(state.started), owned_by=_owned_by(tier))
     return JSONResponse(card.model_dump())

@@ -64,7 +64,7 @@ def features(request: Request) -> dict[str, Any]:
         log.exception("could not build the OpenAPI schema; the dashboard assumes chat only")
         paths = {"/metrics", "/v1/chat/completions"}
     settings = app_state(request).settings
-    keyed = bool(settings.api_keys)
+    keyed = settings.keys_configured
     return {
         "routes": [p for p in (*PROBED, *PROBED_V1) if p in paths],
         "auth_required": keyed,

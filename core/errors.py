@@ -5,6 +5,7 @@ Backends raise these typed errors; server.py maps them to responses in one handl
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -43,6 +44,21 @@ class Unauthorized(ServiceError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class Forbidden(ServiceError):
+    """A valid key that may not do this (an admin route without `admin = true`)."""
+
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class ModelNotAllowed(Forbidden):
+    """The key is restricted to other tiers."""
+
+    type = "invalid_request_error"
+    code = "model_not_allowed"
 
 
 class ModelNotFound(ServiceError):
@@ -84,6 +100,19 @@ class Overloaded(ServiceError):
 
     def __init__(self, message: str, *, retry_after: int = 1, param: str | None = None) -> None:
         super().__init__(message, param=param, headers={"Retry-After": str(max(1, int(retry_after)))})
+
+
+class RateLimited(ServiceError):
+    """A key went over one of its limits. `type` names the limit as OpenAI does ("requests", "tokens")."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, limit: str = "requests") -> None:
+        # Whole seconds, rounded up: a client that waits exactly this long finds the limit free again.
+        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+        self.type = limit
 
 
 class ModelUnavailable(ServiceError):

@@ -17,7 +17,9 @@ from middleware.envelope import send_error
 
 # Reads by monitors (health checks, scrapers, the dashboard) do not count as activity for the idle
 # shutdown: a supervisor polling /health must not keep an unused server alive forever.
-MONITORING_PATHS = frozenset({"/health", "/metrics", "/admin", "/admin/status", "/admin/cache"})
+MONITORING_PATHS = frozenset(
+    {"/health", "/api/v1/health", "/metrics", "/admin", "/admin/status", "/admin/cache", "/api/admin/status"}
+)
 
 
 class Activity:

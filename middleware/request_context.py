@@ -10,8 +10,9 @@ access line itself, and in the arguments of every record by `ControlCharacterFil
 `configure_logging` puts on every handler. A `%0a` in a path cannot forge a log line.
 
 Routes report what only they know through `note_tier`, `add_tokens`, `mark_first_token` and
-`note_cache`. These write into a mutable `RequestInfo` held by the contextvar; the object is shared
-with the tasks that stream the response body, so a stream's numbers arrive before the log line.
+`note_cache`; BearerAuth reports the request's key through `note_key`. These write into a mutable
+`RequestInfo` held by the contextvar; the object is shared with the tasks that stream the response
+body, so a stream's numbers arrive before the log line.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.errors import ServiceError
+from core.errors import ModelNotAllowed, ServiceError
 from middleware.envelope import send_error
 from middleware.request_info import RequestInfo, RequestObserver
 
@@ -51,10 +52,32 @@ def current_request_id() -> str:
 # ---------------------------------------------------------------- hooks for routes (no-ops outside a request)
 
 
-def note_tier(tier: str) -> None:
+def note_key(name: str, tiers: frozenset[str] | None) -> None:
+    """The request's API key (from BearerAuth): its name for logs and metrics, the tiers it may use."""
     info = _current.get()
     if info is not None:
-        info.tier = tier
+        info.key_name = name
+        info.allowed_tiers = tiers
+
+
+def tier_allowed(tier: str) -> bool:
+    """Whether the request's key may use `tier` (always, without a restricted key)."""
+    info = _current.get()
+    return info is None or info.allowed_tiers is None or tier in info.allowed_tiers
+
+
+def note_tier(tier: str) -> None:
+    """The tier serving the request. Every route notes it right after resolving the model name and
+    before any model loads, so this is also where a key restricted to other tiers is refused (403)."""
+    info = _current.get()
+    if info is None:
+        return
+    if not tier_allowed(tier):
+        raise ModelNotAllowed(
+            f"This API key may not use the {tier} tier (it may use: {', '.join(sorted(info.allowed_tiers or ()))})",
+            param="model",
+        )
+    info.tier = tier
 
 
 def add_tokens(prompt_tokens: int, completion_tokens: int, compute_seconds: float = 0.0) -> None:
@@ -232,6 +255,8 @@ def _access_line(scope: Scope, status: int, duration: float, tier: str, info: Re
     ]
     if tier:
         parts.append(f"tier={escape_control(tier)}")
+    if info.key_name:
+        parts.append(f"key={info.key_name}")  # key names are checked to be plain (middleware/keys.py)
     if info.prompt_tokens or info.completion_tokens:
         parts.append(f"prompt_tokens={info.prompt_tokens} completion_tokens={info.completion_tokens}")
     if info.ttft is not None:

@@ -17,6 +17,8 @@ class RequestInfo:
     request_id: str
     started: float  # time.monotonic() when the request arrived
     tier: str = ""
+    key_name: str = ""  # the API key's name (never the secret); "" without keys
+    allowed_tiers: frozenset[str] | None = None  # the key's tiers; None = every tier
     prompt_tokens: int = 0
     completion_tokens: int = 0
     compute_seconds: float = 0.0  # time spent generating (from the scheduler), summed over choices

@@ -1,4 +1,4 @@
-"""Exposure controls: bearer API keys, a Host-header allowlist (DNS rebinding) and CORS.
+"""Exposure controls: bearer API keys (middleware/keys.py), a Host-header allowlist (DNS rebinding) and CORS.
 
 `middleware.stack.install` adds them in this order, outermost first: Host allowlist, CORS, auth. CORS
 sits outside auth so that preflights (which never carry credentials) are answered, and so that a
@@ -20,17 +20,30 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from core.errors import InvalidRequest, Unauthorized
+from core.errors import Forbidden, InvalidRequest, ServiceError, Unauthorized
+from middleware import request_context
 from middleware.envelope import error_response, send_error
+from middleware.keys import SCOPE_KEY, ApiKey, KeyStore
 
 # Paths served without a key: the health probe, and the dashboard's static page (a browser cannot
 # attach a bearer header to a navigation; the page itself asks for the key and sends it on every call).
-PUBLIC_PATHS = frozenset({"/health", "/admin"})
+PUBLIC_PATHS = frozenset({"/health", "/api/v1/health", "/admin"})
+# Paths that need a key with `admin = true` (API_KEYS keys are admins): the admin API under both of
+# its prefixes, and the metrics, which show every key's usage.
+ADMIN_PREFIXES = ("/admin/", "/api/admin/")
+ADMIN_PATHS = frozenset({"/metrics"})
 # Set in the scope when the request carried a valid key: a public path may then show more (/health's tiers).
 AUTHENTICATED = "llmservice.authenticated"
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "X-Request-Id", "Cache-Control")
-CORS_EXPOSE_HEADERS = ("X-Request-Id", "X-Tier", "X-Tier-Fallback", "X-Cache", "Retry-After")
+CORS_EXPOSE_HEADERS = (
+    "X-Request-Id",
+    "X-Tier",
+    "X-Tier-Fallback",
+    "X-Cache",
+    "Retry-After",
+    *(f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset") for kind in ("requests", "tokens")),
+)
 
 
 class HostNotAllowed(InvalidRequest):
@@ -59,17 +72,29 @@ def _bearer(headers: Headers) -> str | None:
 
 
 def is_authenticated(scope: Scope) -> bool:
-    """Whether BearerAuth found a valid key on this request (never true without API_KEYS)."""
+    """Whether BearerAuth found a valid key on this request (never true without keys)."""
     return scope.get(AUTHENTICATED) is True
 
 
-class BearerAuth:
-    """`Authorization: Bearer <key>` on everything but PUBLIC_PATHS, when API_KEYS is set.
+def is_admin_path(path: str) -> bool:
+    return path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES)
 
-    On a public path a key is optional: a valid one is noted in the scope, a wrong one is ignored.
+
+def _admit(scope: Scope, key: ApiKey) -> None:
+    scope[AUTHENTICATED] = True
+    scope[SCOPE_KEY] = key
+    request_context.note_key(key.name, key.tiers)
+
+
+class BearerAuth:
+    """`Authorization: Bearer <key>` on everything but PUBLIC_PATHS, when keys are configured.
+
+    On a public path a key is optional: a valid one is noted in the scope, a wrong one is ignored. A
+    valid key is put in the scope (`keys.SCOPE_KEY`, for the rate limits) and its name and tiers in
+    the request's info (access log, metrics, tier checks).
     """
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyStore) -> None:
         self.app = app
         self.keys = keys
 
@@ -78,26 +103,29 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         token = _bearer(Headers(scope=scope))
+        key = self.keys.lookup(token) if token else None
         if scope["path"] in PUBLIC_PATHS:
-            scope[AUTHENTICATED] = token is not None and key_matches(token, self.keys)
+            if key is not None:
+                _admit(scope, key)
             await self.app(scope, receive, send)
             return
         if token is None:
-            error = Unauthorized(
+            error: ServiceError = Unauthorized(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                 headers={"WWW-Authenticate": 'Bearer realm="llmservice"'},
             )
-            await send_error(error, scope, receive, send)
-            return
-        if not key_matches(token, self.keys):
+        elif key is None:
             error = Unauthorized(
                 "Incorrect API key provided.",
                 headers={"WWW-Authenticate": 'Bearer realm="llmservice", error="invalid_token"'},
             )
-            await send_error(error, scope, receive, send)
+        elif not key.admin and is_admin_path(scope["path"]):
+            error = Forbidden(f"The key {key.name!r} may not use admin routes (it needs admin = true)")
+        else:
+            _admit(scope, key)
+            await self.app(scope, receive, send)
             return
-        scope[AUTHENTICATED] = True
-        await self.app(scope, receive, send)
+        await send_error(error, scope, receive, send)
 
 
 # ---------------------------------------------------------------- Host allowlist

@@ -7,7 +7,9 @@ Outermost first (Starlette runs the middleware added last outermost, so `install
     ActivityTracker  in flight until the last byte (idle shutdown); 503 while draining
     HostAllowlist    DNS-rebinding guard
     EnvelopeCORS     when CORS_ORIGINS is set; outside auth so preflights and 401s carry CORS headers
-    BearerAuth       when API_KEYS is set
+    BearerAuth       when API_KEYS or API_KEYS_FILE is set: 401 without a valid key, 403 on admin
+                     routes without an admin key
+    RateLimit        for keys with limits: 429 over rpm, tpm or max_parallel; x-ratelimit-* headers
     BodyLimit        413 before a route reads an oversize body
     (FastAPI's exception handlers, then the routes)
 
@@ -22,16 +24,27 @@ from config import Settings
 from middleware.activity import Activity, ActivityTracker
 from middleware.body_limit import BodyLimit
 from middleware.connection import HeaderLimit
+from middleware.keys import KeyStore
+from middleware.limits import Limiter, LocalLimiter, RateLimit
 from middleware.request_context import RequestContext
 from middleware.request_info import RequestObserver
 from middleware.security import BearerAuth, EnvelopeCORS, HostAllowlist, cors_options
 
 
-def install(app: Starlette, settings: Settings, activity: Activity, metrics: RequestObserver | None) -> None:
-    """Add every middleware to `app`, innermost first."""
+def install(
+    app: Starlette,
+    settings: Settings,
+    activity: Activity,
+    metrics: RequestObserver | None,
+    keys: KeyStore | None = None,
+    limiter: Limiter | None = None,
+) -> None:
+    """Add every middleware to `app`, innermost first. `keys` defaults to API_KEYS alone."""
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    if settings.api_keys:
-        app.add_middleware(BearerAuth, keys=settings.api_keys)
+    keys = keys if keys is not None else KeyStore(settings.api_keys)
+    if keys.enabled:
+        app.add_middleware(RateLimit, limiter=limiter if limiter is not None else LocalLimiter())
+        app.add_middleware(BearerAuth, keys=keys)
     if settings.cors_origins:
         app.add_middleware(EnvelopeCORS, **cors_options(settings.cors_origins))
     app.add_middleware(HostAllowlist, allowed=(*settings.allowed_hosts, settings.host))

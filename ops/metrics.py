@@ -3,7 +3,8 @@
 Request counters and histograms are recorded by `request_context.RequestContext` when a response
 ends. Tier state (loaded, memory, in flight, queue) is read from the model manager at scrape time,
 so it is never stale. The response cache reports through `Metrics.cache_hit` / `cache_miss`, or
-through `request_context.note_cache` / the `X-Cache` header, which the middleware counts.
+through `request_context.note_cache` / the `X-Cache` header, which the middleware counts. A request
+with an API key is also counted under the key's name (`llmservice_key_*`): never the secret.
 """
 
 from __future__ import annotations
@@ -68,6 +69,20 @@ class Metrics:
         )
         self.cache_hits = Counter(f"{PREFIX}_cache_hits", "Response cache hits", ["tier", "endpoint"], registry=r)
         self.cache_misses = Counter(f"{PREFIX}_cache_misses", "Response cache misses", ["tier", "endpoint"], registry=r)
+        # Per API key name (never the secret); only requests that carried a valid key.
+        self.key_requests = Counter(
+            f"{PREFIX}_key_requests", "Requests by API key name and status", ["key", "status"], registry=r
+        )
+        self.key_tokens = Counter(
+            f"{PREFIX}_key_tokens", "Tokens by API key name, prompt or completion", ["key", "kind"], registry=r
+        )
+        self.key_latency = Histogram(
+            f"{PREFIX}_key_request_duration_seconds",
+            "Time from request arrival to the last byte, by API key name",
+            ["key"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds (Linux)
         if manager is not None:
             r.register(TierCollector(manager))
@@ -89,6 +104,16 @@ class Metrics:
             self.cache_hit(tier, endpoint, info.cache_hits)
         if info.cache_misses:
             self.cache_miss(tier, endpoint, info.cache_misses)
+        if info.key_name:
+            self._observe_key(info.key_name, status, duration, info)
+
+    def _observe_key(self, key: str, status: int, duration: float, info: RequestInfo) -> None:
+        self.key_requests.labels(key, str(status)).inc()
+        self.key_latency.labels(key).observe(duration)
+        if info.prompt_tokens:
+            self.key_tokens.labels(key, "prompt").inc(info.prompt_tokens)
+        if info.completion_tokens:
+            self.key_tokens.labels(key, "completion").inc(info.completion_tokens)
 
     def cache_hit(self, tier: str, endpoint: str, count: int = 1) -> None:
         """Hook for the response cache (also fed by `request_context.note_cache` and `X-Cache`)."""
