@@ -172,6 +172,8 @@ SERVER_KEYS: tuple[Key, ...] = (
     Key("cache_dir", "path", ".cache/llmservice", "the disk cache's folder"),
     Key("api_keys", "list", (), "comma-separated bearer keys; empty = no auth"),
     Key("api_keys_file", "path", "", "a TOML file of named keys with tiers and rate limits; empty = none"),
+    Key("ssl_certfile", "path", "", "a PEM certificate: serve https; empty = plain http"),
+    Key("ssl_keyfile", "path", "", "the certificate's PEM private key"),
     Key("cors_origins", "list", (), "comma-separated CORS origins; empty = CORS off"),
     Key("allowed_hosts", "list", (), "Host header names accepted besides loopback names"),
     Key("max_memory_gb", "float", 0.0, "memory budget for loaded models; 0 = no budget", minimum=0.0),
@@ -282,6 +284,8 @@ class Settings:
     cache_dir: str = _server_default("cache_dir")
     api_keys: tuple[str, ...] = _server_default("api_keys")
     api_keys_file: str = _server_default("api_keys_file")
+    ssl_certfile: str = _server_default("ssl_certfile")
+    ssl_keyfile: str = _server_default("ssl_keyfile")
     cors_origins: tuple[str, ...] = _server_default("cors_origins")
     allowed_hosts: tuple[str, ...] = _server_default("allowed_hosts")
     max_memory_gb: float = _server_default("max_memory_gb")
@@ -493,6 +497,16 @@ def _check_cors_origins(origins: tuple[str, ...]) -> None:
             )
 
 
+def _check_tls(certfile: str, keyfile: str) -> None:
+    """Both files or neither; each must be a readable file (uvicorn would fail later, less clearly)."""
+    if bool(certfile) != bool(keyfile):
+        set_name, unset = ("SSL_CERTFILE", "SSL_KEYFILE") if certfile else ("SSL_KEYFILE", "SSL_CERTFILE")
+        raise ConfigError(f"{set_name} is set but {unset} is empty: TLS needs both")
+    for name, path in (("SSL_CERTFILE", certfile), ("SSL_KEYFILE", keyfile)):
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"{name} has value {path!r}: not a readable file")
+
+
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -519,6 +533,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             "(set API_KEYS=<key>[,<key>...], or HOST=127.0.0.1)"
         )
     _check_cors_origins(values["cors_origins"])
+    _check_tls(values["ssl_certfile"], values["ssl_keyfile"])
     return Settings(tiers=tiers, **values)
 
 

@@ -163,6 +163,8 @@ class DrainingServer:
             # One protocol whether or not httptools is installed: h11 with a deadline on each head.
             http=head_guard(settings.header_timeout),
             h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+            ssl_certfile=settings.ssl_certfile or None,
+            ssl_keyfile=settings.ssl_keyfile or None,
         )
         self.server = _Server(config)
         # ops sits beside api and does not import it (api.state imports ops), so the typed state is
@@ -203,7 +205,8 @@ class DrainingServer:
             watcher = asyncio.ensure_future(watch_inactivity(activity, self.settings.shutdown_timeout, on_idle))
         write_port_file(self.settings.port_file, port)
         log.info(
-            "llmservice listening on http://%s:%d (port written to %s)",
+            "llmservice listening on %s://%s:%d (port written to %s)",
+            "https" if self.settings.ssl_certfile else "http",
             self.settings.host,
             port,
             self.settings.port_file,
