@@ -41,7 +41,7 @@ SCHEMA_VERSION = 1  # bump when the key derivation or the stored value format ch
 
 # Request fields that never change the answer. Everything else in a request schema is keyed;
 # tests/test_cache.py fails when a schema gains a field that is in neither set.
-IGNORED_FIELDS = frozenset({"stream", "stream_options", "user"})
+IGNORED_FIELDS = frozenset({"stream", "stream_options", "user", "store", "metadata"})
 KEYED_FIELDS: dict[str, frozenset[str]] = {
     "ChatCompletionRequest": frozenset(
         {
@@ -66,6 +66,27 @@ KEYED_FIELDS: dict[str, frozenset[str]] = {
             "tool_choice",
             "parallel_tool_calls",
             "response_format",
+            # Never reaches a key itself: api/sessions.py writes the session's whole history into the
+            # turn's `messages` and drops the id, so two histories never share an entry.
+            "session_id",
+        }
+    ),
+    # Translated into a chat request before the cache sees it (api/responses.py): the history behind
+    # previous_response_id and the instructions become its messages, as for a session.
+    "ResponsesRequest": frozenset(
+        {
+            "model",
+            "input",
+            "instructions",
+            "previous_response_id",
+            "max_output_tokens",
+            "temperature",
+            "top_p",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "text",
+            "truncation",
         }
     ),
     "CompletionRequest": frozenset(

@@ -181,6 +181,23 @@ SERVER_KEYS: tuple[Key, ...] = (
     Key("port_file", "str", ".port", "where the real port is written", blank_is_default=True),
     Key("max_body_bytes", "int", 8 * 1024 * 1024, "larger request bodies get 413", minimum=1024),
     Key("header_timeout", "float", 10.0, "seconds a client gets to send a request's headers", minimum=0.1),
+    Key(
+        "sessions_ttl_seconds",
+        "float",
+        3600.0,
+        "idle seconds a session (or stored response) lives; 0 = ever",
+        minimum=0.0,
+    ),
+    Key("sessions_max", "int", 10000, "sessions and stored responses kept at once; more are 503", minimum=1),
+    Key("sessions_max_messages", "int", 1000, "messages a session keeps; oldest turns go first", minimum=2),
+    Key(
+        "sessions_max_bytes",
+        "int",
+        1024 * 1024,
+        "bytes of messages a session keeps; oldest turns go first",
+        minimum=1024,
+    ),
+    Key("sessions_purge_seconds", "float", 60.0, "how often expired sessions are dropped; 0 = when full", minimum=0.0),
 )
 
 
@@ -293,6 +310,11 @@ class Settings:
     port_file: str = _server_default("port_file")
     max_body_bytes: int = _server_default("max_body_bytes")
     header_timeout: float = _server_default("header_timeout")
+    sessions_ttl_seconds: float = _server_default("sessions_ttl_seconds")
+    sessions_max: int = _server_default("sessions_max")
+    sessions_max_messages: int = _server_default("sessions_max_messages")
+    sessions_max_bytes: int = _server_default("sessions_max_bytes")
+    sessions_purge_seconds: float = _server_default("sessions_purge_seconds")
 
     @property
     def keys_configured(self) -> bool:

@@ -30,7 +30,7 @@ def create_app(
 ) -> FastAPI:
     """Build the service for `settings`; `factories` replaces the model loaders (tests use fakes), `limiter`
     the in-process rate limiter (tests drive its clock). A bad API_KEYS_FILE raises `ConfigError`."""
-    from api import admin, chat, dashboard, ollama, rag
+    from api import admin, chat, dashboard, ollama, rag, responses, sessions
     from api.error_handlers import install_error_handlers
     from api.state import AppState
     from middleware import stack
@@ -38,24 +38,31 @@ def create_app(
     from middleware.keys import KeyStore
     from middleware.security import is_authenticated
     from ops import metrics
+    from sessions.conversations import Conversations, Limits
+    from sessions.store import MemoryStore
 
     keys = KeyStore(settings.api_keys, settings.api_keys_file)
     manager = ModelManager(settings, factories if factories is not None else default_factories())
     cache = ResponseCache(settings)
+    conversations = Conversations(MemoryStore(settings.sessions_max), Limits.from_settings(settings))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         manager.preload()
         manager.start_idle_watch()
+        conversations.start_purging()
         try:
             with keys.reload_on_sighup():
                 yield
         finally:
+            await conversations.close()
             await manager.close()
             cache.close()
 
     app = FastAPI(title="llmservice", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    state = AppState(settings, manager, cache, Activity(), metrics.Metrics(manager), started=time.time())
+    state = AppState(
+        settings, manager, cache, Activity(), metrics.Metrics(manager), started=time.time(), conversations=conversations
+    )
     app.state.llm = state
     install_error_handlers(app)
     stack.install(app, settings, state.activity, state.metrics, keys, limiter)
@@ -63,6 +70,8 @@ def create_app(
     for prefix in ("/v1", "", "/api/v1"):
         app.include_router(chat.router, prefix=prefix)
         app.include_router(rag.router, prefix=prefix)
+        app.include_router(responses.router, prefix=prefix)
+        app.include_router(sessions.router, prefix=prefix)
     app.include_router(rag.extra_router)
     app.include_router(admin.router)
     app.include_router(admin.router, prefix="/api")

@@ -13,6 +13,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from api import sessions
 from api.cache_lookup import cache_directives
 from api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from api.sse import (
@@ -152,8 +153,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     reject_unsupported(body)
     turn_request = chat_turn_request(body)
     resolution, tier = resolve(request, body.model)
-    turn = await start(request, tier, "chat.completions", turn_request)
-    headers = response_headers(resolution, turn)
+
+    async def begin(full: ChatCompletionRequest) -> Turn:  # `body`, or a session's history plus body's messages
+        return await start(request, tier, "chat.completions", turn_request if full is body else chat_turn_request(full))
+
+    turn, session_headers = await sessions.start_chat(request, body, message_dicts(body), begin, tier.queue_timeout)
+    headers = response_headers(resolution, turn) | session_headers
     if body.stream:
         return stream_response(turn, _chat_chunk_maker(body), include_usage(body), headers)
     results = await collect(turn, disconnected(request))

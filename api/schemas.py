@@ -24,6 +24,7 @@ MAX_N = 8
 # Containers (objects, arrays) nested in a body. The deepest real bodies are JSON schemas (tools, response_format);
 # structured output bounds those more tightly (chat/structured_output.MAX_SCHEMA_DEPTH).
 MAX_JSON_DEPTH = 64
+MAX_ID_LENGTH = 128  # session and response ids (ours are 37 characters)
 
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
 
@@ -81,7 +82,7 @@ def check_json(value: object) -> None:
             stack.extend((item, (*path, i)) for i, item in enumerate(node) if type(item) not in _SCALARS)
 
 
-class _Request(BaseModel):
+class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     @model_validator(mode="before")
@@ -89,6 +90,10 @@ class _Request(BaseModel):
     def _plain_json(cls, data: object) -> object:
         check_json(data)
         return data
+
+
+class _Request(_Body):
+    """A request whose answer may be cached: cache.py classifies every field (keyed or ignored)."""
 
 
 class StreamOptions(BaseModel):
@@ -210,6 +215,7 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    session_id: str | None = Field(default=None, max_length=MAX_ID_LENGTH)  # or the X-Session-ID header
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -231,6 +237,97 @@ class CompletionRequest(_SamplingFields):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+# ---------------------------------------------------------------- sessions and the Responses API
+
+MetadataKey = Annotated[str, Field(max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=512)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]  # OpenAI's bounds
+MAX_TTL_SECONDS = 30 * 24 * 3600.0
+
+
+class SessionCreateRequest(_Body):
+    system: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)  # the session's system prompt
+    model: ModelName | None = None  # what the session is for (shown in listings); each turn names its model
+    metadata: Metadata | None = None
+    ttl_seconds: float | None = Field(default=None, gt=0, le=MAX_TTL_SECONDS)  # else SESSIONS_TTL_SECONDS
+
+
+class ResponseContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str = Field(max_length=64)
+    text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+
+
+ResponseContent = (
+    Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+    | Annotated[list[ResponseContentPart], Field(max_length=MAX_MESSAGES)]
+)
+
+
+class ResponseInputItem(BaseModel):
+    """One input item, whatever its type (api/responses.py checks which fields each type needs):
+    a message (`type` "message" or absent), a `function_call` or a `function_call_output`."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str | None = Field(default=None, max_length=64)
+    role: Literal["user", "assistant", "system", "developer"] | None = None
+    content: ResponseContent | None = None
+    call_id: str | None = Field(default=None, max_length=256)
+    name: str | None = Field(default=None, max_length=256)
+    arguments: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    output: ResponseContent | None = None
+    id: str | None = Field(default=None, max_length=256)
+
+
+class ResponseTool(BaseModel):
+    """A Responses tool: only `function` ones are served (their fields sit at the top, not under `function`)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str = Field(max_length=64)
+    name: str | None = Field(default=None, min_length=1, max_length=256)
+    description: str | None = Field(default=None, max_length=100_000)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponseTextFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = Field(default=None, max_length=256)
+    description: str | None = Field(default=None, max_length=100_000)
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseTextConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    format: ResponseTextFormat | None = None
+
+
+class ResponsesRequest(_Request):
+    """OpenAI's `POST /v1/responses`; unknown fields (reasoning, include, service_tier...) are ignored."""
+
+    model: ModelName
+    input: (
+        Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+        | Annotated[list[ResponseInputItem], Field(max_length=MAX_MESSAGES)]
+    )
+    instructions: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    previous_response_id: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
+    store: bool = True
+    stream: bool = False
+    max_output_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    tools: list[ResponseTool] | None = Field(default=None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: ResponseTextConfig | None = None
+    truncation: Literal["auto", "disabled"] | None = None  # auto: drop the oldest turns that do not fit
+    metadata: Metadata | None = None
+    user: str | None = Field(default=None, max_length=256)
 
 
 # ---------------------------------------------------------------- responses

@@ -15,6 +15,7 @@ from config import Settings
 from middleware.activity import Activity
 from model_manager import ModelManager
 from ops.metrics import Metrics
+from sessions.conversations import Conversations
 
 
 @dataclass
@@ -25,6 +26,7 @@ class AppState:
     activity: Activity
     metrics: Metrics
     started: float  # time.time() when the app was built (`created` of /v1/models, uptime)
+    conversations: Conversations  # sessions and stored responses
     extras: dict[str, object] = field(default_factory=dict)  # room for tests' stand-ins
 
 
