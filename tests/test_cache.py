@@ -548,3 +548,24 @@ def test_cache_directory_is_private_even_with_a_loose_umask(tmp_path: Path) -> N
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "cache").stat().st_mode) == 0o700
+
+
+def test_keys_made_by_earlier_versions_stay_valid() -> None:
+    """Stored entries survive upgrades: these two keys were derived by the code before the chat-turn
+    seam, the remote pools and sessions. A change here strands every disk entry: bump SCHEMA_VERSION
+    deliberately instead, or keep new fields out of the key while they are unset."""
+    from api.schemas import ChatCompletionRequest, CompletionRequest
+    from cache import IGNORED_FIELDS, request_key
+    from config import load_settings
+
+    env = {"LIGHT_MODEL_PATH": "/models/fake-light.gguf", "EMBEDDING_MODEL_PATH": "", "RERANKER_MODEL_PATH": ""}
+    tier = load_settings(env).tiers["light"]
+    chat = ChatCompletionRequest(model="light", messages=[{"role": "user", "content": "hi"}], temperature=0)
+    completion = CompletionRequest(model="light", prompt="hi", seed=3)
+
+    def key(endpoint: str, body: ChatCompletionRequest | CompletionRequest) -> str:
+        wire = body.model_dump(mode="json")  # as chat/recording.py derives it from the turn's wire
+        return request_key(endpoint, tier, {k: v for k, v in wire.items() if k not in IGNORED_FIELDS})
+
+    assert key("chat.completions", chat) == "496a08687e28c9fdb197747a4a4556ffed6089ccebe948d70ffef9296bfca7db"
+    assert key("completions", completion) == "a26523e75104b03ddbdb5fa7ef4355652d53a238bf1f700c036350c7aa7b3390"
