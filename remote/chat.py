@@ -17,6 +17,7 @@ assembled into one `ToolCallEvent` per call.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
@@ -94,7 +95,9 @@ class RemoteChat:
             config.upstream_urls, config.breaker_failures, config.breaker_cooldown, clock, config.lb_policy
         )
         self.client = client or client_for(config)
-        self.headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        auth = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self.headers = {"Content-Type": "application/json", **auth}
+        self._urls: dict[tuple[str, str], httpx.URL] = {}  # parsed once: parsing is a good part of httpx's cost
         self.ready: Future[None] = Future()
         self.ready.set_result(None)  # nothing to load: each request finds a live upstream itself
         self.model: str | None = config.upstream_model or None
@@ -108,7 +111,7 @@ class RemoteChat:
         if self.closing:
             raise ShuttingDown(f"The {self.config.name} tier is shutting down", retry_after=5)
         self._loop = asyncio.get_running_loop()
-        body = upstream_body(request, await self._model_name())
+        body = json.dumps(upstream_body(request, await self._model_name()), ensure_ascii=False).encode()
         exchange = await self._open(PATHS[request.kind], body, request)
         choices = [RemoteChoice(exchange, state) for state in exchange.states]
         turn = Turn(choices, prompt_tokens=exchange.prompt_tokens, native_tools=True)
@@ -116,7 +119,7 @@ class RemoteChat:
         turn.closers.append(exchange.aclose)
         return turn
 
-    async def _open(self, path: str, body: JsonObject, request: TurnRequest) -> Exchange:
+    async def _open(self, path: str, body: bytes, request: TurnRequest) -> Exchange:
         """The first attempt that yields an event; faults before it move on to another upstream."""
         tried: list[Upstream] = []
         errors: list[str] = []
@@ -129,7 +132,7 @@ class RemoteChat:
             tried.append(attempt.upstream)
             exchange = Exchange(self.config, self.client, self.headers, attempt, request, self._exchanges.discard)
             try:
-                await exchange.start(path, body)
+                await exchange.start(self._url(attempt.upstream, path), body)
             except faults.UpstreamFault as fault:
                 attempt.finish("fault", fault.message, fault.retry_after)
                 errors.append(f"{attempt.upstream.label}: {fault.message}")
@@ -147,6 +150,12 @@ class RemoteChat:
             f"No upstream of the {self.config.name} tier could answer: {describe(errors)}",
             retry_after=self.pool.retry_after(),
         )
+
+    def _url(self, upstream: Upstream, path: str) -> httpx.URL:
+        url = self._urls.get((upstream.url, path))
+        if url is None:
+            url = self._urls[upstream.url, path] = httpx.URL(upstream.url + path)
+        return url
 
     async def _model_name(self) -> str | None:
         """The upstream's model name: configured, else the single id its /models lists."""

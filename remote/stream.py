@@ -69,7 +69,7 @@ class Exchange:
         self.states = [ChoiceState() for _ in range(request.n * max(1, prompts))]  # upstream's order
         self.turn: Turn | None = None
         self.response: httpx.Response | None = None
-        self.lines: AsyncIterator[str] | None = None
+        self.lines: AsyncIterator[bytes] | None = None
         self.usage: JsonObject = {}
         self.prompt_tokens = 0
         self.lock = asyncio.Lock()  # one reader at a time; the others find their events queued
@@ -80,13 +80,15 @@ class Exchange:
 
     # ------------------------------------------------------------ before the first event: faults fail over
 
-    async def start(self, path: str, body: JsonObject) -> None:
+    async def start(self, url: httpx.URL, body: bytes) -> None:
         """Send, and read until some choice has an event; raises `UpstreamFault` or the upstream's refusal."""
         config = self.config
         try:
             async with asyncio.timeout(config.first_byte_timeout):
-                request = self.client.build_request(
-                    "POST", self.attempt.upstream.url + path, json=body, headers=self.headers
+                # Built by hand: the client's build_request (merging URLs, headers, cookies) costs more than the hop.
+                timeouts = {"connect": min(10.0, config.first_byte_timeout), "read": None, "write": None, "pool": None}
+                request = httpx.Request(
+                    "POST", url, headers=self.headers, content=body, extensions={"timeout": timeouts}
                 )
                 self.response = response = await self.client.send(request, stream=True)
                 if response.status_code != 200:
@@ -99,9 +101,9 @@ class Exchange:
                     await self._whole(await response.aread())  # an upstream that does not stream
                     self.opened = True
                     return
-                self.lines = response.aiter_lines()
+                self.lines = self._lines(response)
                 while not any(state.queue for state in self.states):
-                    if not await self._read(None) and not self.complete:
+                    if not await self._read() and not self.complete:
                         raise faults.UpstreamFault("the stream ended before its first event")
                 self.opened = True
         except TimeoutError:
@@ -121,7 +123,7 @@ class Exchange:
         async with self.lock:
             while not state.queue and not state.ended:
                 try:
-                    more = await self._read(self.config.stream_idle_timeout)
+                    more = await self._read()
                 except faults.UpstreamFault as fault:
                     await self._fail(fault.message)
                     return
@@ -134,29 +136,49 @@ class Exchange:
                 if not more:
                     return
 
-    async def _read(self, timeout: float | None) -> bool:
+    async def _lines(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        """The body's lines as bytes (SSE is line-based and its JSON parses from bytes). Once the first
+        event is in, each network read may wait `STREAM_IDLE_TIMEOUT` (before it, `start`'s deadline
+        bounds them all): a timeout per read, not per line, as one read often holds several lines."""
+        chunks = response.aiter_bytes()
+        pending = b""
+        while True:
+            if self.opened:
+                async with asyncio.timeout(self.config.stream_idle_timeout):
+                    chunk = await anext(chunks, None)
+            else:
+                chunk = await anext(chunks, None)
+            if chunk is None:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line
+        if pending:
+            yield pending
+
+    async def _read(self) -> bool:
         """Handle the next SSE data line; False once the stream is over."""
         assert self.lines is not None
         while True:
-            async with asyncio.timeout(timeout):
-                line = await anext(self.lines, None)
+            line = await anext(self.lines, None)
             if line is None:
                 if all(state.finish_reason is not None for state in self.states):
                     self._done()  # some servers end without [DONE]
                     return False
                 raise faults.UpstreamFault("the upstream stream ended mid-answer")
-            field_name, _, data = line.partition(":")
-            if field_name not in ("data", "error") or not data.strip():
+            field_name, _, data = line.rstrip(b"\r").partition(b":")
+            if field_name not in (b"data", b"error") or not data.strip():
                 continue  # comments, event names, blank separators
             data = data.strip()
-            if data == "[DONE]":
+            if data == b"[DONE]":
                 self._done()
                 return False
             try:
                 chunk = json.loads(data)
             except ValueError:
                 raise faults.UpstreamFault("the upstream sent a chunk that is not JSON") from None
-            if field_name == "error" or (isinstance(chunk, dict) and "error" in chunk):
+            if field_name == b"error" or (isinstance(chunk, dict) and "error" in chunk):
                 self._upstream_error(chunk)
                 return False
             if isinstance(chunk, dict):
