@@ -6,6 +6,7 @@ turn (chat/turn.py: cache, lease, start) -> format its events as JSON or SSE (ap
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -151,7 +152,9 @@ def include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     reject_unsupported(body)
-    turn_request = chat_turn_request(body)
+    # Checking big tool or response schemas costs milliseconds per element: never on the event loop.
+    schemas = body.tools or body.response_format
+    turn_request = await asyncio.to_thread(chat_turn_request, body) if schemas else chat_turn_request(body)
     resolution, tier = resolve(request, body.model)
 
     async def begin(full: ChatCompletionRequest) -> Turn:  # `body`, or a session's history plus body's messages

@@ -7,7 +7,6 @@ and methods 404/405; anything else a 500 that never shows `str(exc)`, logged wit
 from __future__ import annotations
 
 import logging
-import traceback
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,19 +14,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import InvalidRequest, MethodNotAllowed, NotFound, ServiceError
-from middleware.envelope import error_response
+from middleware.envelope import error_response, log_unexpected, printable
 
 __all__ = ["error_response", "install_error_handlers"]
 
 log = logging.getLogger("llmservice")
 
 # Innermost frames of an unexpected error worth logging: a RecursionError's full trace is thousands of lines.
-LOGGED_FRAMES = 12
-
-
-def _printable(text: str) -> str:
-    """`text` with lone surrogates escaped: a message naming a bad key must still encode as UTF-8."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -35,11 +28,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "Invalid request body", None
     first = errors[0]
-    loc = [_printable(str(part)) for part in first.get("loc", ()) if part != "body"]
+    loc = [printable(str(part)) for part in first.get("loc", ()) if part != "body"]
     ctx = first.get("ctx") or {}
     # Whole-body checks (api/schemas.check_json) name the parameter in ctx: a model validator has no loc.
-    param = ".".join(loc) or (_printable(ctx["param"]) if isinstance(ctx.get("param"), str) else None)
-    message = _printable(first.get("msg", "invalid value"))
+    param = ".".join(loc) or (printable(ctx["param"]) if isinstance(ctx.get("param"), str) else None)
+    message = printable(first.get("msg", "invalid value"))
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON", None
     if first.get("type") == "missing":
@@ -73,9 +66,3 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log_unexpected(exc, request.method, request.url.path)
         return error_response(ServiceError("The server hit an internal error"))
-
-
-def log_unexpected(exc: BaseException, method: str, path: str) -> None:
-    """One error record for a 500, with only the innermost frames of its trace."""
-    trace = "".join(traceback.format_exception(exc, limit=-LOGGED_FRAMES)).rstrip()
-    log.error("unexpected error on %s %s\n%s", method, _printable(path), trace)

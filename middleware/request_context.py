@@ -26,7 +26,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import ModelNotAllowed, ServiceError
-from middleware.envelope import send_error
+from middleware.envelope import log_unexpected, send_error
 from middleware.request_info import RequestInfo, RequestObserver
 
 access_log = logging.getLogger("llmservice.access")
@@ -224,8 +224,8 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
-        except Exception:  # noqa: BLE001 - the last line of defence: an envelope with the id, never a trace
-            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: an envelope with the id, never a trace
+            log_unexpected(exc, str(scope.get("method")), str(scope.get("path")))
             if not started_response:
                 await send_error(ServiceError("The server hit an internal error"), scope, receive, send_with_id)
         finally:
