@@ -277,7 +277,7 @@ def test_a_tool_choice_whose_function_is_not_a_named_object_is_a_400(
 
 
 def test_an_unexpected_error_is_logged_with_a_bounded_trace(caplog: pytest.LogCaptureFixture) -> None:
-    from api.error_handlers import LOGGED_FRAMES, log_unexpected
+    from middleware.envelope import LOGGED_FRAMES, log_unexpected
 
     def ping(n: int) -> int:
         return pong(n + 1)
