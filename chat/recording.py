@@ -132,7 +132,8 @@ class _Recording:
                 for i, pieces in enumerate(self.pieces)
             ],
             "usage": {
-                "prompt_tokens": self.prompt_tokens,
+                # A remote turn learns its prompt size only from the upstream's final event.
+                "prompt_tokens": self.prompt_tokens or max(d.prompt_tokens for d in self.finished.values()),
                 "completion_tokens": sum(d.completion_tokens for d in self.finished.values()),
             },
         }

@@ -175,6 +175,10 @@ def test_a_cache_hit_on_a_remote_tier_asks_no_upstream(upstream: StartUpstream, 
     assert replay.headers["x-cache"] == "HIT"
     assert "".join(streamed_text(sse_events(replay))) == "cached words"
     assert len(gpu.requests) == 1
+    again = chat(client, "SAY:cached words", temperature=0)
+    assert again.headers["x-cache"] == "HIT"
+    assert again.json()["usage"] == first.json()["usage"]  # the upstream's prompt count, recorded at its end
+    assert first.json()["usage"]["prompt_tokens"] > 0
 
 
 def test_the_upstreams_client_errors_pass_through_and_are_not_retried(upstream: StartUpstream, front: Front) -> None:
