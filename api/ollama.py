@@ -259,8 +259,10 @@ async def embeddings(request: Request) -> JSONResponse:
 
 
 def _listed(settings: Settings) -> list[TierConfig]:
-    """Chat and embedding tiers the request's key may use (Ollama has no rerank API)."""
-    return [t for t in settings.tiers.values() if t.kind != "rerank" and request_context.tier_allowed(t.name)]
+    """Chat and embedding tiers the request's key may use (Ollama has no rerank or speech API)."""
+    return [
+        t for t in settings.tiers.values() if t.kind in ("chat", "embedding") and request_context.tier_allowed(t.name)
+    ]
 
 
 def _details(tier: TierConfig) -> JsonObject:

@@ -144,12 +144,78 @@ class Reranker(Protocol):
     def close(self) -> None: ...
 
 
+# ---------------------------------------------------------------- speech
+
+
+@dataclass(frozen=True)
+class AudioFile:
+    """An uploaded audio file as sent: local backends decode it (speech.decode_audio), a remote one forwards it."""
+
+    data: bytes
+    filename: str = "audio"
+    content_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    task: str = "transcribe"  # or "translate" (into English)
+    language: str | None = None  # ISO-639-1 code; None = detect
+    prompt: str | None = None  # earlier text or spellings to follow
+    temperature: float = 0.0  # 0: whisper's fallback schedule (0.0, 0.2, ... 1.0) when decoding fails
+    word_timestamps: bool = False
+
+
+@dataclass(frozen=True)
+class TranscriptWord:
+    word: str
+    start: float
+    end: float
+    probability: float = 0.0
+
+
+@dataclass(frozen=True)
+class TranscriptSegment:
+    id: int
+    start: float  # seconds from the start of the audio
+    end: float
+    text: str
+    seek: int = 0
+    tokens: tuple[int, ...] = ()
+    temperature: float = 0.0
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    language: str  # ISO-639-1 code, detected or as asked
+    duration: float  # seconds of audio
+    segments: tuple[TranscriptSegment, ...] = ()
+    words: tuple[TranscriptWord, ...] = ()  # only when word timestamps were asked for
+
+
+# Called on the owner thread with each segment as soon as it is decoded (streaming); it may raise to stop.
+SegmentSink = Callable[[TranscriptSegment], None]
+
+
+class Transcriber(Protocol):
+    """A loaded speech-to-text model, used only from its owner thread."""
+
+    def transcribe(self, audio: AudioFile, options: TranscribeOptions, on_segment: SegmentSink | None) -> Transcript:
+        """The transcript of `audio`; a file that is not audio, or too long, is an `InvalidRequest`."""
+        ...
+
+    def close(self) -> None: ...
+
+
 # ---------------------------------------------------------------- registry
 
 # A factory loads the model of a tier; it is called on the model's owner thread and returns a
-# ChatModel, Embedder or Reranker. Keys are "kind:backend", e.g. "chat:llamacpp". The settings let a
+# ChatModel, Embedder, Reranker or Transcriber. Keys are "kind:backend", e.g. "chat:llamacpp". The settings let a
 # tier read another tier's config (the similarity reranker loads the embedding tier's model).
 # A key "turns:backend" names instead a chat backend that serves whole turns itself (an upstream
 # server): it is called on the event loop, returns a `ChatBackend` at once and needs no owner thread.
-LoadedModel = ChatModel | Embedder | Reranker
+LoadedModel = ChatModel | Embedder | Reranker | Transcriber
 Factory = Callable[[TierConfig, Settings], LoadedModel] | Callable[[TierConfig, Settings], ChatBackend]

@@ -15,14 +15,16 @@ from config import CHAT_TIERS, TIERS, Settings
 from core.errors import ModelNotFound, WrongModelKind
 
 # Checked in order: reranker names often contain embedding words ("bge-reranker", "cross-encoder/...-MiniLM").
+# Speech: OpenAI's "whisper-1", "distil-whisper/...", "gpt-4o-transcribe".
 BUILTIN_PATTERNS: dict[str, tuple[str, ...]] = {
+    "speech": ("*whisper*", "*transcribe*"),
     "reranker": ("*rerank*", "*cross-encoder*", "*cross_encoder*"),
     "embedding": ("*embed*", "*bge*", "*e5*", "*minilm*", "*mpnet*", "*gte-*", "*nomic*"),
 }
 # Size hints such as "qwen2.5-0.5b", "llama-3-8b-instruct", "70B": parameters in billions.
 _SIZE = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)\s*b(?![a-z0-9])", re.IGNORECASE)
 _FALLBACK_ORDER = {"heavy": ("medium", "light"), "medium": ("light", "heavy"), "light": ("medium", "heavy")}
-KIND_OF_TIER = {**{t: "chat" for t in CHAT_TIERS}, "embedding": "embedding", "reranker": "rerank"}
+KIND_OF_TIER = {**{t: "chat" for t in CHAT_TIERS}, "embedding": "embedding", "reranker": "rerank", "speech": "speech"}
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ def valid_names(settings: Settings) -> list[str]:
 
 
 def resolve(name: str, kind: str, settings: Settings) -> Resolution:
-    """The tier serving `name` for an endpoint of `kind` ('chat', 'embedding' or 'rerank')."""
+    """The tier serving `name` for an endpoint of `kind` ('chat', 'embedding', 'rerank' or 'speech')."""
     tier = _match_tier(name, settings)
     if tier is None:
         raise ModelNotFound(

@@ -30,6 +30,7 @@ FAKE_ENV = {
     "MEDIUM_MODEL_PATH": "/models/fake-7b.gguf",
     "EMBEDDING_MODEL_PATH": "",
     "RERANKER_MODEL_PATH": "",
+    "SPEECH_MODEL_PATH": "",
     "LIGHT_ALIASES": "gpt-3.5-turbo,small",
     "LIGHT_MAX_TOKENS": "64",
 }

@@ -28,9 +28,9 @@ from config import (
 ENV_EXAMPLE = Path(__file__).resolve().parent.parent / ".env.example"
 
 
-def test_embedded_defaults_configure_light_embedding_and_reranker() -> None:
+def test_embedded_defaults_configure_light_embedding_reranker_and_speech() -> None:
     settings = load_settings({})
-    assert set(settings.tiers) == {"light", "embedding", "reranker"}
+    assert set(settings.tiers) == {"light", "embedding", "reranker", "speech"}
     assert settings.tiers["light"].model_path == PACKAGED_GEMMA
     assert settings.tiers["light"].backend == "llamacpp"
     assert settings.tiers["embedding"].model_path == PACKAGED_MINILM
