@@ -14,6 +14,7 @@ warning (repeated failures are logged at debug level until the disk works again)
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -36,6 +37,16 @@ from config import TIER_KEYS, Settings, TierConfig
 
 log = logging.getLogger("llmservice.cache")
 T = TypeVar("T")
+
+# True in a request whose model is not the one its cache key names (it resolved its tier just before the
+# tier's model was swapped, and the new model serves it): nothing it computes is stored.
+_skip_storing: contextvars.ContextVar[bool] = contextvars.ContextVar("llmservice_cache_skip", default=False)
+
+
+def skip_storing() -> None:
+    """Keep the current request's answers out of the cache (its task, and the tasks it starts after this)."""
+    _skip_storing.set(True)
+
 
 SCHEMA_VERSION = 1  # bump when the key derivation or the stored value format changes
 
@@ -482,7 +493,7 @@ class ResponseCache:
 
     async def put_many(self, items: Mapping[str, Any]) -> None:
         """Store JSON-serialisable values; never raises for a disk problem."""
-        if not self.enabled or not items:
+        if not self.enabled or not items or _skip_storing.get():
             return
         if self.disk is None:
             self._store(items)

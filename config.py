@@ -8,6 +8,7 @@ defaults and `load_settings` both come from there.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -158,6 +159,8 @@ TIER_KEYS: tuple[TierKey, ...] = (
         cache_key=False,
     ),
     TierKey("preload", "bool", False, "load at start-up instead of on first use", cache_key=False),
+    TierKey("pin", "bool", False, "never unloaded to make room under MAX_MEMORY_GB", cache_key=False),
+    TierKey("priority", "int", 0, "under MAX_MEMORY_GB, idle tiers of lower priority unload first", cache_key=False),
     TierKey("base_url", "str", "", "one remote upstream (a pool of one; see upstreams)", cache_key=True),
     TierKey("api_key", "str", "", "bearer key for the remote upstreams", cache_key=False),
     TierKey("upstreams", "list", (), "remote upstream base URLs, comma-separated: a pool", cache_key=True),
@@ -201,6 +204,10 @@ SERVER_KEYS: tuple[Key, ...] = (
     Key("cors_origins", "list", (), "comma-separated CORS origins; empty = CORS off"),
     Key("allowed_hosts", "list", (), "Host header names accepted besides loopback names"),
     Key("max_memory_gb", "float", 0.0, "memory budget for loaded models; 0 = no budget", minimum=0.0),
+    Key("models_dir", "path", "models", "where hub downloads go and GET /admin/models looks", blank_is_default=True),
+    Key("persist_tier_changes", "bool", True, "keep admin model swaps across restarts (MODELS_DIR)"),
+    Key("hf_endpoint", "str", "", "the model hub's URL; empty = huggingface_hub's (HF_ENDPOINT or the Hub)"),
+    Key("hf_token", "str", "", "token for gated or private hub repos; empty = huggingface_hub's own lookup"),
     Key("strict_tiers", "bool", False, "an unconfigured chat tier is a 404, not a fallback"),
     Key("port_file", "str", ".port", "where the real port is written", blank_is_default=True),
     Key("max_body_bytes", "int", 8 * 1024 * 1024, "larger request bodies get 413", minimum=1024),
@@ -260,6 +267,8 @@ class TierConfig:
     queue_timeout: float = _tier_default("queue_timeout")
     request_timeout: float = _tier_default("request_timeout")
     preload: bool = _tier_default("preload")
+    pin: bool = _tier_default("pin")
+    priority: int = _tier_default("priority")
     base_url: str = _tier_default("base_url")
     api_key: str = _tier_default("api_key")
     upstreams: tuple[str, ...] = _tier_default("upstreams")
@@ -333,6 +342,10 @@ class Settings:
     cors_origins: tuple[str, ...] = _server_default("cors_origins")
     allowed_hosts: tuple[str, ...] = _server_default("allowed_hosts")
     max_memory_gb: float = _server_default("max_memory_gb")
+    models_dir: str = _server_default("models_dir")
+    persist_tier_changes: bool = _server_default("persist_tier_changes")
+    hf_endpoint: str = _server_default("hf_endpoint")
+    hf_token: str = _server_default("hf_token")
     strict_tiers: bool = _server_default("strict_tiers")
     port_file: str = _server_default("port_file")
     max_body_bytes: int = _server_default("max_body_bytes")
@@ -476,12 +489,28 @@ def _tier_config(tier: str, env: Mapping[str, str]) -> TierConfig | None:
     read_above = ("model_path", "backend")
     values = {key.name: _read(key, key.env_name(tier), env, tier) for key in TIER_KEYS if key.name not in read_above}
     config = TierConfig(name=tier, model_path=path, backend=backend, **values)
+    _check_embedding_mode(config, env)
     _check_upstreams(config)
     if config.compute_type not in COMPUTE_TYPES:
         raise ConfigError(
             f"{tier.upper()}_COMPUTE_TYPE has value {config.compute_type!r}: use {', '.join(COMPUTE_TYPES)}"
         )
     return config
+
+
+def _check_embedding_mode(config: TierConfig, env: Mapping[str, str]) -> None:
+    """The original service's {TIER}_EMBEDDING_MODE loaded a GGUF as an embedding model. Here the embedding
+    tier always does that and no other tier embeds, so any other value is refused rather than ignored."""
+    if config.embedding_mode == (config.name == "embedding"):
+        return
+    name = _TIER_KEY["embedding_mode"].env_name(config.name)
+    raw = env.get(name, "")
+    if config.name == "embedding":
+        raise ConfigError(f"{name} has value {raw!r}: the embedding tier always loads its model for embeddings")
+    raise ConfigError(
+        f"{name} has value {raw!r}: a {config.kind} tier does not also answer /v1/embeddings; to embed with "
+        "this model, set EMBEDDING_MODEL_PATH to it (a GGUF is then loaded in llama.cpp's embedding mode)"
+    )
 
 
 def _check_upstreams(config: TierConfig) -> None:
@@ -566,8 +595,7 @@ def _check_tls(certfile: str, keyfile: str) -> None:
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
-def load_settings(env: Mapping[str, str]) -> Settings:
-    """Build `Settings` from an environment mapping; raise `ConfigError` on the first bad value."""
+def _tiers(env: Mapping[str, str]) -> dict[str, TierConfig]:
     tiers: dict[str, TierConfig] = {}
     for tier in TIERS:
         config = _tier_config(tier, env)
@@ -579,6 +607,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         raise ConfigError(
             "RERANKER_BACKEND is 'similarity' but the embedding tier is off (EMBEDDING_MODEL_PATH is empty)"
         )
+    return tiers
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Build `Settings` from an environment mapping; raise `ConfigError` on the first bad value."""
+    tiers = _tiers(env)
     values: dict[str, Any] = {key.name: _read(key, key.env, env) for key in SERVER_KEYS}
     if values["log_level"] not in _LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL has value {values['log_level']!r}: use debug, info, warning, error or critical")
@@ -591,6 +625,46 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     _check_cors_origins(values["cors_origins"])
     _check_tls(values["ssl_certfile"], values["ssl_keyfile"])
     return Settings(tiers=tiers, **values)
+
+
+# ---------------------------------------------------------------- tier changes at run time (admin API)
+
+
+def render_value(value: Value) -> str:
+    """A value as the text of its variable (what `_PARSERS` reads back)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def tier_env(config: TierConfig) -> dict[str, str]:
+    """Variables that rebuild `config`: every key of the table, under the tier's prefix."""
+    return {key.env_name(config.name): render_value(getattr(config, key.name)) for key in TIER_KEYS}
+
+
+def apply_overrides(settings: Settings, overrides: Mapping[str, Mapping[str, str]]) -> Settings:
+    """`settings` with some tiers' keys changed at run time, checked exactly as at start-up.
+
+    `overrides` maps a tier to {key name: text}, names from `TIER_KEYS` ("model_path", "n_ctx", ...). A tier
+    the settings leave off starts from its defaults; a new model_path without a backend infers the backend
+    again; model_path "" turns the tier off. Errors name the variable, as at start-up."""
+    env: dict[str, str] = {}
+    for tier in TIERS:
+        current = settings.tiers.get(tier)
+        base = tier_env(current) if current is not None else {_TIER_KEY["model_path"].env_name(tier): ""}
+        changes = overrides.get(tier, {})
+        unknown = sorted(set(changes) - set(_TIER_KEY))
+        if unknown:
+            raise ConfigError(f"the {tier} tier has no setting {unknown[0]!r}")
+        if "model_path" in changes and "backend" not in changes:
+            base.pop(_TIER_KEY["backend"].env_name(tier), None)
+        env.update(base)
+        env.update({_TIER_KEY[name].env_name(tier): text for name, text in changes.items()})
+    return dataclasses.replace(settings, tiers=_tiers(env))
 
 
 def read_environment(dotenv_path: str | os.PathLike[str] = ".env") -> dict[str, str]:

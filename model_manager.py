@@ -10,9 +10,15 @@ Idle unload: a tier with `{TIER}_TTL` > 0 is unloaded that many seconds after it
 finished; a tier with a request in flight (or waiting for it) is never unloaded.
 
 Memory budget (`MAX_MEMORY_GB` > 0): a load reserves the model's estimated size (its files on disk).
-When it does not fit, idle tiers are unloaded least recently used first; when even that is not
-enough, the load waits (up to the tier's queue timeout) for a busy tier to become idle, then gives
-up with 503 and Retry-After. The RSS change measured around each load is logged and reported.
+When it does not fit, idle tiers are unloaded, lowest `{TIER}_PRIORITY` first and then least recently
+used, never a pinned one (`{TIER}_PIN`); when even that is not enough, the load waits (up to the tier's
+queue timeout) for a busy tier to become idle, then gives up with 503 and Retry-After. The RSS change
+measured around each load is logged and reported.
+
+Swap (`change_tier`, the admin API): a tier's new model loads beside the old one, then new requests go
+to it at once while those already holding the old one finish on it (a request that resolved the old
+settings just before the switch is served there too); then the old one unloads. The settings change is
+kept in `overrides` and saved (models_admin/overrides.py).
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from cache import skip_storing
 from chat.local import LocalChat
 from chat.scheduler import ChatScheduler
-from config import PACKAGED_GEMMA, PACKAGED_WHISPER, Settings, TierConfig
-from core.errors import Conflict, ModelUnavailable, Overloaded, ServiceError, ShuttingDown
+from config import PACKAGED_GEMMA, PACKAGED_WHISPER, ConfigError, Settings, TierConfig, apply_overrides
+from core.errors import Conflict, InvalidRequest, ModelUnavailable, Overloaded, ServiceError, ShuttingDown
 from core.microbatch import BatchWorker
 from core.protocols import Factory
 from core.turns import ChatBackend
+from models_admin.overrides import Overrides, OverrideStore
 
 if TYPE_CHECKING:  # imported by its factory, only when a tier is remote
     from remote.embeddings import RemoteWorker
@@ -119,6 +127,7 @@ class TierRuntime:
     reserved_bytes: int = 0  # counted against MAX_MEMORY_GB while loading or loaded
     rss_delta_bytes: int | None = None  # measured around the load
     unload_seconds: float = 0.0
+    drained: asyncio.Event | None = None  # once swapped out: set when its last request ends
 
     @property
     def idle_since(self) -> float:
@@ -132,12 +141,24 @@ class ModelManager:
         factories: Mapping[str, Factory],
         clock: Callable[[], float] = time.monotonic,
         estimator: Callable[[TierConfig], int] = estimate_model_bytes,
+        store: OverrideStore | None = None,
     ) -> None:
-        self.settings = settings
+        self.base_settings = settings  # from the environment; admin changes apply over it
+        self.store = store if store is not None else OverrideStore.for_settings(settings)
+        self.overrides: Overrides = self.store.load()
+        try:
+            self.settings = apply_overrides(settings, self.overrides) if self.overrides else settings
+        except ConfigError as exc:
+            raise ConfigError(f"{self.store.path}: {exc} (fix or delete the file)") from None
         self.factories = dict(factories)
         self.clock = clock
         self.estimator = estimator
-        self.tiers = {name: TierRuntime(config) for name, config in settings.tiers.items()}
+        self.tiers = {name: TierRuntime(config) for name, config in self.settings.tiers.items()}
+        self._staging: list[TierRuntime] = []  # new models of tiers being swapped, loading
+        self._retiring: list[TierRuntime] = []  # swapped-out models finishing their requests
+        self._swapping: set[str] = set()
+        self._saving = asyncio.Lock()  # one write at a time, each of the newest overrides
+        self._background: set[asyncio.Task[None]] = set()
         self.closing = False
         self.budget_bytes = int(settings.max_memory_gb * 1024**3)
         self._budget_lock = asyncio.Lock()
@@ -152,7 +173,7 @@ class ModelManager:
 
     @property
     def used_bytes(self) -> int:
-        return sum(t.reserved_bytes for t in self.tiers.values())
+        return sum(t.reserved_bytes for t in (*self.tiers.values(), *self._staging, *self._retiring))
 
     def status(self, tier: str) -> dict[str, Any]:
         rt = self.tiers[tier]
@@ -182,6 +203,15 @@ class ModelManager:
         out["load_seconds"] = round(rt.load_seconds, 3) if rt.load_seconds else None
         out["unload_seconds"] = round(rt.unload_seconds, 3) if rt.unload_seconds else None
         out["last_use"] = time.time() - (self.clock() - rt.last_use) if rt.last_use else None
+        out["pin"], out["priority"] = rt.config.pin, rt.config.priority
+        out["source"] = "admin" if tier in self.overrides else "env"
+        if tier in self.overrides:
+            out["overrides"] = dict(self.overrides[tier])
+        if tier in self._swapping:
+            out["swapping"] = True
+        old = [t for t in self._retiring if t.config.name == tier]
+        if old:
+            out["retiring"] = [{"model": t.config.model_id, "in_flight": t.in_flight} for t in old]
         return out
 
     # ------------------------------------------------------------ loading
@@ -224,10 +254,10 @@ class ModelManager:
             loader, config.name, config.max_queue, config.batch_wait_ms, config.max_batch, config.queue_timeout
         )
 
-    async def _load(self, rt: TierRuntime) -> None:
+    async def _load(self, rt: TierRuntime, patience: float | None = None) -> None:
         rt.reason = ""
         try:
-            await self._reserve(rt)
+            await self._reserve(rt, patience)
         except ServiceError:
             rt.state = UNLOADED
             raise
@@ -262,8 +292,10 @@ class ModelManager:
         self._freed.set()
         log.error("tier %s failed to load: %s", rt.config.name, reason)
 
-    async def _reserve(self, rt: TierRuntime) -> None:
-        """Reserve the tier's memory under the budget: evict idle tiers (LRU), else wait, else 503."""
+    async def _reserve(self, rt: TierRuntime, patience: float | None = None) -> None:
+        """Reserve the tier's memory under the budget: evict idle tiers (lowest priority, then least
+        recently used; never pinned ones, nor the tier itself), else wait (`patience`, default the
+        tier's queue timeout), else 503."""
         need = self.estimator(rt.config)
         if self.budget_bytes <= 0:
             rt.reserved_bytes = need
@@ -274,7 +306,7 @@ class ModelManager:
                 f"The {name} tier needs about {need / 1e9:.2f} GB, over MAX_MEMORY_GB "
                 f"({self.budget_bytes / 1024**3:g} GiB)"
             )
-        deadline = self.clock() + rt.config.queue_timeout
+        deadline = self.clock() + (rt.config.queue_timeout if patience is None else patience)
         async with self._budget_lock:
             while True:
                 self._freed.clear()
@@ -283,8 +315,12 @@ class ModelManager:
                     rt.reserved_bytes = need
                     return
                 idle = sorted(
-                    (t for t in self.tiers.values() if t is not rt and t.state == READY and t.in_flight == 0),
-                    key=lambda t: t.idle_since,
+                    (
+                        t
+                        for t in self.tiers.values()
+                        if t.config.name != name and t.state == READY and t.in_flight == 0 and not t.config.pin
+                    ),
+                    key=lambda t: (t.config.priority, t.idle_since),
                 )
                 if need <= free + sum(t.reserved_bytes for t in idle):
                     for victim in idle:
@@ -296,7 +332,8 @@ class ModelManager:
                 remaining = deadline - self.clock()
                 if remaining <= 0 or not await self._wait_freed(remaining):
                     raise Overloaded(
-                        f"Not enough memory under MAX_MEMORY_GB to load the {name} tier while other tiers are busy",
+                        f"Not enough memory under MAX_MEMORY_GB to load the {name} tier while other tiers are "
+                        "busy or pinned",
                         retry_after=max(1, int(rt.config.queue_timeout) or 5),
                     )
 
@@ -338,18 +375,38 @@ class ModelManager:
                 self.start_loading(name)
 
     @contextlib.asynccontextmanager
-    async def lease(self, tier: str) -> AsyncIterator[Any]:
-        """Hold a tier for one request: loaded, counted in flight, last use stamped at the end."""
+    async def lease(self, tier: str, config: TierConfig | None = None) -> AsyncIterator[Any]:
+        """Hold a tier for one request: loaded, counted in flight, last use stamped at the end.
+        `config` is the tier's settings the request was resolved (and its cache key made) with."""
         if self.closing:
             raise ShuttingDown("The server is shutting down", retry_after=5)
-        rt = self.tiers[tier]
+        rt = self._runtime_for(tier, config)
         rt.in_flight += 1
         try:
-            yield await self.ensure_loaded(tier)
+            yield rt.worker if rt.drained is not None else await self.ensure_loaded(tier)
         finally:
             rt.in_flight -= 1
             rt.last_use = self.clock()
             self._freed.set()
+            if rt.drained is not None and rt.in_flight == 0:
+                rt.drained.set()
+
+    def _runtime_for(self, tier: str, config: TierConfig | None) -> TierRuntime:
+        """The tier's current model, or, for a request resolved just before a swap, the old one while it
+        still runs. Failing that, the current one serves it but its answer stays out of the cache: its
+        key names the old model."""
+        current = self.tiers.get(tier)
+        if config is None or (current is not None and current.config == config):
+            if current is None:
+                raise ModelUnavailable(f"The {tier} tier is off", headers={"Retry-After": "1"})
+            return current
+        for old in self._retiring:
+            if old.config == config and old.worker is not None:
+                return old
+        skip_storing()
+        if current is None:
+            raise ModelUnavailable(f"The {tier} tier was turned off", headers={"Retry-After": "1"})
+        return current
 
     # ------------------------------------------------------------ unloading
 
@@ -361,7 +418,10 @@ class ModelManager:
             raise Conflict(f"The {tier} tier is loading; retry when it is ready")
         if not force and rt.in_flight > 0:
             raise Conflict(f"The {tier} tier has {rt.in_flight} request(s) in flight; use force=true to cancel them")
-        worker, rt.worker = rt.worker, None
+        await self._unload(rt)
+
+    async def _unload(self, rt: TierRuntime) -> None:
+        worker, rt.worker = rt.worker, None  # from here on no lease gets it
         if rt.state == READY:
             rt.state = UNLOADED
         if worker is None:
@@ -371,7 +431,7 @@ class ModelManager:
         rt.unload_seconds = time.perf_counter() - started
         rt.reserved_bytes = 0
         self._freed.set()
-        log.info("tier %s unloaded in %.2fs", tier, rt.unload_seconds)
+        log.info("tier %s unloaded %s in %.2fs", rt.config.name, rt.config.model_id, rt.unload_seconds)
 
     def idle_expired(self) -> list[str]:
         """Ready tiers whose TTL has passed since their last request finished, with nothing in flight."""
@@ -410,5 +470,108 @@ class ModelManager:
         self.closing = True
         if self._idle_task is not None:
             self._idle_task.cancel()
-        for tier in self.tiers:
+        for tier in list(self.tiers):
             await self.unload(tier)
+        for rt in (*self._staging, *self._retiring):
+            await self._unload(rt)
+
+    # ------------------------------------------------------------ changing a tier's model at run time
+
+    async def change_tier(self, tier: str, changes: Mapping[str, str] | None) -> None:
+        """Serve `tier` with `changes` (TIER_KEYS names -> text) over its environment settings, or with
+        those settings again (None). A new model loads first, beside the old one; if it fails, nothing
+        changes and the error says why. Then new requests go to it, and the old one unloads once its
+        requests are done (after DRAIN_TIMEOUT what is left is cancelled)."""
+        if tier in self._swapping:
+            raise Conflict(f"A change of the {tier} tier is under way; retry when it is done")
+        config = self._changed(tier, changes)[1].tiers.get(tier)  # a bad value is refused before any load
+        current = self.tiers.get(tier)
+        same = current is not None and config == current.config
+        self._swapping.add(tier)
+        try:
+            staged = None if config is None or same else await self._stage(config)
+            try:
+                if self.closing:
+                    raise ShuttingDown("The server is shutting down", retry_after=5)
+                self.overrides, self.settings = self._changed(tier, changes)  # other tiers may have changed
+            except ServiceError:
+                if staged is not None:
+                    self._retire(staged)
+                raise
+            if not same:
+                self._switch(tier, staged)
+        finally:
+            self._swapping.discard(tier)
+        try:
+            async with self._saving:
+                await asyncio.to_thread(self.store.save, dict(self.overrides))
+        except OSError as exc:
+            log.warning("the change of the %s tier holds until restart: saving it failed (%s)", tier, exc)
+
+    def _changed(self, tier: str, changes: Mapping[str, str] | None) -> tuple[Overrides, Settings]:
+        overrides = {name: values for name, values in self.overrides.items() if name != tier}
+        if changes is not None:
+            overrides[tier] = dict(changes)
+        try:
+            return overrides, apply_overrides(self.base_settings, overrides)
+        except ConfigError as exc:
+            raise InvalidRequest(str(exc)) from None
+
+    async def _stage(self, config: TierConfig) -> TierRuntime:
+        """Load `config` beside the tier's current model (no waiting for memory: the admin hears at once)."""
+        staged = TierRuntime(config)
+        self._staging.append(staged)
+        try:
+            await self._load(staged, patience=0.0)
+        except Overloaded:
+            raise Overloaded(
+                f"Not enough memory under MAX_MEMORY_GB for the {config.name} tier's new model beside its "
+                f"current one: unload the tier first (POST /admin/tiers/{config.name}/unload), then swap",
+                retry_after=5,
+            ) from None
+        finally:
+            self._staging.remove(staged)
+        if staged.state != READY:
+            raise ModelUnavailable(
+                f"The {config.name} tier's new model could not be loaded: {staged.reason}; the tier is unchanged"
+            )
+        return staged
+
+    def _switch(self, tier: str, staged: TierRuntime | None) -> None:
+        """From here on new requests lease `staged` (None: the tier is off); nothing awaits in between,
+        and `self.settings`, which the routes resolve with, changed just before."""
+        old = self.tiers.get(tier)
+        runtimes = {**self.tiers}
+        if staged is not None:
+            runtimes[tier] = staged
+        self.tiers = {name: runtimes[name] for name in self.settings.tiers}  # in tier order; off ones drop out
+        if old is not None:
+            self._retire(old)
+        log.info("tier %s now serves %s", tier, staged.config.model_id if staged else "nothing (off)")
+        self.start_idle_watch()
+
+    def _retire(self, old: TierRuntime) -> None:
+        if old.worker is None and old.loading is None:
+            return
+        old.drained = asyncio.Event()
+        self._retiring.append(old)
+        task = asyncio.ensure_future(self._drain_and_unload(old))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _drain_and_unload(self, old: TierRuntime) -> None:
+        """Unload a swapped-out model once its requests are done; after DRAIN_TIMEOUT, cancel the rest."""
+        assert old.drained is not None
+        try:
+            if old.loading is not None:  # requests waiting for it get it first
+                await asyncio.wait([old.loading])
+            deadline = time.monotonic() + self.settings.drain_timeout
+            while old.in_flight > 0 and time.monotonic() < deadline:
+                old.drained.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(old.drained.wait(), deadline - time.monotonic())
+            if old.in_flight:
+                log.warning("tier %s: cancelling %d request(s) still on the old model", old.config.name, old.in_flight)
+            await self._unload(old)  # its worker is taken before any await: no new lease gets it
+        finally:
+            self._retiring.remove(old)

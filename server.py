@@ -56,6 +56,7 @@ def create_app(
                 yield
         finally:
             await conversations.close()
+            state.downloads.close()  # a transfer in progress stops at its next chunk
             await manager.close()
             cache.close()
 

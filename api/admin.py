@@ -6,6 +6,7 @@ POST /admin/tiers/{tier}/load        load now (waits for the load; 503 when it f
 POST /admin/tiers/{tier}/unload      409 while requests are in flight, unless ?force=true, which
                                      cancels them (streams end with an error event)
 GET  /admin/cache, DELETE /admin/cache
+Models at run time (downloads, the local list, swapping a tier's model): api/models_admin.py.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from api import models_admin
 from api.state import app_state
 from core.errors import NotFound
 from model_manager import ModelManager
 
 router = APIRouter(prefix="/admin")
+router.include_router(models_admin.router)
 
 
 def _manager(request: Request) -> ModelManager:

@@ -20,12 +20,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from api.state import app_state
+from config import TIERS
 
 log = logging.getLogger("llmservice.dashboard")
 PAGE = Path(__file__).resolve().parent.parent / "static" / "admin.html"
 FEATURES_MARK = "/*FEATURES*/{}"
 # Routes the page uses when present; the admin and RAG routes come from other modules.
-PROBED = ("/admin/status", "/admin/tiers/{tier}/load", "/admin/tiers/{tier}/unload", "/admin/cache", "/metrics")
+PROBED = (
+    "/admin/status",
+    "/admin/tiers/{tier}/load",
+    "/admin/tiers/{tier}/unload",
+    "/admin/cache",
+    "/metrics",
+    "/admin/models",
+    "/admin/tiers/{tier}/model",
+)
 PROBED_V1 = ("/v1/chat/completions", "/v1/embeddings", "/v1/rerank")
 
 router = APIRouter()
@@ -70,6 +79,7 @@ def features(request: Request) -> dict[str, Any]:
         "auth_required": keyed,
         # The page is public; with keys, the configured tiers are shown only once a key works.
         "tiers": [] if keyed else list(settings.tiers),
+        "all_tiers": list(TIERS),  # a swap may turn on a tier .env leaves off
     }
 
 

@@ -122,7 +122,7 @@ async def embed_texts(
     want = dimensions if dimensions is not None else tier.embedding_dimension
 
     async def compute(missing: list[str]) -> list[dict[str, Any]]:
-        async with app_state(request).manager.lease(tier.name) as worker:
+        async with app_state(request).manager.lease(tier.name, tier) as worker:
             _check_dimensions(want, int(worker.model.dimension))
             future = worker.submit_batch(("embed", types, truncate), missing, _embed_run(types, truncate))
             rows: list[Embedded] = await asyncio.wrap_future(future)
@@ -292,7 +292,7 @@ async def rerank_core(request: Request, body: RerankRequest) -> tuple[list[Ranke
         )
 
     async def compute() -> dict[str, Any]:
-        async with app_state(request).manager.lease(tier.name) as worker:
+        async with app_state(request).manager.lease(tier.name, tier) as worker:
             pairs = [(body.query, text) for text in texts]
             future = worker.submit_batch(("rerank", body.truncate), pairs, _rerank_run(body.truncate))
             rows: list[tuple[float, int, int]] = await asyncio.wrap_future(future)

@@ -45,7 +45,7 @@ async def open_turn(
     deadline = time.monotonic() + tier.request_timeout if tier.request_timeout > 0 else None
     stack = contextlib.AsyncExitStack()
     try:
-        backend: ChatBackend = await stack.enter_async_context(manager.lease(tier.name))
+        backend: ChatBackend = await stack.enter_async_context(manager.lease(tier.name, tier))
         started = await backend.start_turn(request)
     except BaseException:
         await stack.aclose()
