@@ -1,4 +1,5 @@
-"""Exact-match response cache: an LRU/TTL tier in memory and an optional diskcache tier on disk.
+"""Exact-match response cache: an LRU/TTL tier in memory, an optional Redis tier shared by replicas
+(scale/redis_cache.py) and an optional diskcache tier on disk, looked up in that order.
 
 Keys are SHA-256 digests of canonical JSON over the endpoint, the tier, the model's identity (path,
 file size and mtime, so a swapped model file never serves stale answers) and the normalised request.
@@ -8,7 +9,8 @@ reads or deletes a value file only when the row names one of its own files insid
 so a tampered row cannot reach any other file.
 
 A cache failure never fails a request: a broken or full disk means serving uncached, with one
-warning (repeated failures are logged at debug level until the disk works again).
+warning (repeated failures are logged at debug level until the disk works again); an unreachable or
+frozen Redis costs a request at most REDIS_TIMEOUT_MS, then is bypassed for a cooldown.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from diskcache import UNKNOWN, Cache, Disk
 from diskcache.core import MODE_BINARY, MODE_RAW
 
 from config import TIER_KEYS, Settings, TierConfig
+from scale.redis_cache import RedisTier, redis_tier
 
 log = logging.getLogger("llmservice.cache")
 T = TypeVar("T")
@@ -202,14 +205,15 @@ def model_identity(config: TierConfig) -> dict[str, Any]:
         for f in dataclasses.fields(config)
         if f.name not in _OPERATIONAL_TIER_FIELDS
         and f.name != "model_path"
-        and not (f.name in _KEYED_WHEN_SET and not getattr(config, f.name))
+        and not (f.name in _KEYED_SINCE_V1 and getattr(config, f.name) == f.default)
     }
     return {"path": path, "files": files, "settings": settings}
 
 
-# Keyed settings added after SCHEMA_VERSION 1: part of the identity only once set, so the entries of a
-# tier that does not use them keep their keys across the upgrade (tests/test_cache.py pins two keys).
-_KEYED_WHEN_SET = frozenset({"upstreams", "upstream_model"})
+# Keyed settings added after SCHEMA_VERSION 1: part of the identity only when they differ from their
+# default, so the entries of a tier that does not use them keep their keys across upgrades
+# (tests/test_cache.py pins two keys). A new keyed tier setting belongs here.
+_KEYED_SINCE_V1 = frozenset({"upstreams", "upstream_model", "beam_size", "compute_type"})
 
 
 def digest(parts: Mapping[str, Any]) -> str:
@@ -354,9 +358,11 @@ class ResponseCache:
         self._lock = threading.Lock()
         self._memory: cachetools.Cache[str, bytes] | None = None
         self.disk: Cache | None = None
+        self.redis: RedisTier | None = None
         self._disk_warned = False
         if not self.enabled:
             return
+        self.redis = redis_tier(settings)
         if settings.cache_max_size > 0:
             if self.ttl > 0:
                 self._memory = cachetools.TTLCache(settings.cache_max_size, self.ttl, timer=clock)
@@ -393,7 +399,8 @@ class ResponseCache:
             with self._lock:
                 self._memory[key] = data
 
-    def _disk_get(self, key: str) -> Any | None:
+    def _disk_get(self, key: str) -> tuple[Any, bytes] | None:
+        """The value under `key` and its bytes (for the Redis tier), or None."""
         disk = self.disk
         if disk is None:
             return None
@@ -410,7 +417,7 @@ class ResponseCache:
             self._disk_failed("read", exc)
             return None
         self._memory_put(key, data)
-        return value
+        return value, data
 
     def _disk_delete(self, key: str) -> None:
         if self.disk is not None:
@@ -419,10 +426,7 @@ class ResponseCache:
             except Exception as exc:  # noqa: BLE001
                 self._disk_failed("delete", exc)
 
-    def _store(self, items: Mapping[str, Any]) -> None:
-        encoded = {key: encode_entry(key, value) for key, value in items.items()}
-        for key, data in encoded.items():
-            self._memory_put(key, data)
+    def _disk_store(self, encoded: Mapping[str, bytes]) -> None:
         if self.disk is None:
             return
         try:
@@ -455,12 +459,36 @@ class ResponseCache:
             data = self._memory_get(key)
             found.append(decode_entry(key, data) if data is not None else None)
         missing = [i for i, value in enumerate(found) if value is None]
+        if missing and self.redis is not None:
+            missing = await self._redis_get(keys, missing, found)
         if missing and self.disk is not None:
             from_disk = await asyncio.to_thread(lambda: [self._disk_get(keys[i]) for i in missing])
-            for i, value in zip(missing, from_disk, strict=True):
-                found[i] = value
+            shared: dict[str, bytes] = {}
+            for i, hit in zip(missing, from_disk, strict=True):
+                if hit is not None:
+                    found[i], shared[keys[i]] = hit
+            if shared and self.redis is not None:
+                await self.redis.put_many(shared)  # what this replica kept on disk, the others can share
         self._count(found)
         return found
+
+    async def _redis_get(self, keys: Sequence[str], missing: list[int], found: list[Any | None]) -> list[int]:
+        """Fill `found` from Redis at the `missing` positions; the positions still missing."""
+        assert self.redis is not None
+        still: list[int] = []
+        for i, data in zip(missing, await self.redis.get_many([keys[i] for i in missing]), strict=True):
+            if data is None:
+                still.append(i)
+                continue
+            try:
+                found[i] = decode_entry(keys[i], data)
+            except UnsafeEntry as exc:
+                log.warning("dropping a bad redis cache entry (%s)", exc)
+                await self.redis.drop(keys[i])
+                still.append(i)
+                continue
+            self._memory_put(keys[i], data)
+        return still
 
     async def get_or_compute_many(
         self,
@@ -492,13 +520,16 @@ class ResponseCache:
         await self.put_many({key: value})
 
     async def put_many(self, items: Mapping[str, Any]) -> None:
-        """Store JSON-serialisable values; never raises for a disk problem."""
+        """Store JSON-serialisable values; never raises for a disk or Redis problem."""
         if not self.enabled or not items or _skip_storing.get():
             return
-        if self.disk is None:
-            self._store(items)
-        else:
-            await asyncio.to_thread(self._store, dict(items))
+        encoded = {key: encode_entry(key, value) for key, value in items.items()}
+        for key, data in encoded.items():
+            self._memory_put(key, data)
+        if self.redis is not None:
+            await self.redis.put_many(encoded)
+        if self.disk is not None:
+            await asyncio.to_thread(self._disk_store, encoded)
 
     def stats(self) -> dict[str, Any]:
         memory_entries, memory_bytes = 0, 0
@@ -523,11 +554,20 @@ class ResponseCache:
             "bytes": memory_bytes + disk_bytes,
             "memory_bytes": memory_bytes,
             "disk_bytes": disk_bytes,
+            **({"redis": self.redis.stats()} if self.redis is not None else {}),
         }
 
-    async def clear(self) -> dict[str, int]:
-        """Drop every entry (memory and disk) and reset the counters; returns how many were dropped."""
+    async def clear(self) -> dict[str, Any]:
+        """Drop every entry (memory, our keys in Redis, disk) and reset the counters; returns how many
+        were dropped. Other replicas keep their memory tiers until their entries expire."""
         removed = 0
+        result: dict[str, Any] = {}
+        if self.redis is not None:
+            try:
+                result["redis_removed"] = await self.redis.clear()
+            except Exception as exc:  # noqa: BLE001 - reported to the operator who asked
+                log.warning("clearing the redis cache tier failed: %s: %s", type(exc).__name__, exc)
+                result["redis_error"] = f"{type(exc).__name__}: {exc}"[:200]
         if self._memory is not None:
             with self._lock:
                 removed = len(self._memory)
@@ -538,7 +578,13 @@ class ResponseCache:
             except Exception as exc:  # noqa: BLE001
                 self._disk_failed("clear", exc)
         self.hits = self.misses = 0
-        return {"removed": removed}
+        return {"removed": removed, **result}
+
+    async def aclose(self) -> None:
+        """Close the Redis client and the disk tier (the app's shutdown)."""
+        if self.redis is not None:
+            await self.redis.link.aclose()
+        self.close()
 
     def close(self) -> None:
         if self.disk is not None:
