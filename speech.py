@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import io
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,14 @@ log = logging.getLogger("llmservice.speech")
 SAMPLE_RATE = 16000  # what Whisper listens at
 # Whisper's own schedule: a window whose text looks degenerate is decoded again, a little hotter.
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def finite(value: float, digits: int | None = None) -> float:
+    """A number JSON can carry: a degenerate window's -inf log probability (or NaN) becomes 0."""
+    number = float(value)
+    if not math.isfinite(number):
+        return 0.0
+    return round(number, digits) if digits is not None else number
 
 
 def temperatures(options: TranscribeOptions) -> tuple[float, ...]:
@@ -150,25 +159,25 @@ class FasterWhisperTranscriber:
         for piece in pieces:  # a generator: each window is decoded as it is pulled
             segment = TranscriptSegment(
                 id=len(segments),
-                start=round(float(piece.start), 3),
-                end=round(float(piece.end), 3),
+                start=finite(piece.start, 3),
+                end=finite(piece.end, 3),
                 text=piece.text,
                 seek=int(piece.seek),
                 tokens=tuple(int(t) for t in piece.tokens),
-                temperature=float(piece.temperature or 0.0),
-                avg_logprob=float(piece.avg_logprob),
-                compression_ratio=float(piece.compression_ratio),
-                no_speech_prob=float(piece.no_speech_prob),
+                temperature=finite(piece.temperature or 0.0),
+                avg_logprob=finite(piece.avg_logprob),
+                compression_ratio=finite(piece.compression_ratio),
+                no_speech_prob=finite(piece.no_speech_prob),
             )
             segments.append(segment)
             words += [
-                TranscriptWord(w.word, round(float(w.start), 3), round(float(w.end), 3), float(w.probability))
+                TranscriptWord(w.word, finite(w.start, 3), finite(w.end, 3), finite(w.probability))
                 for w in piece.words or ()
             ]
             if on_segment is not None:
                 on_segment(segment)
         text = "".join(s.text for s in segments).strip()
-        return Transcript(text, str(info.language), round(float(info.duration), 3), tuple(segments), tuple(words))
+        return Transcript(text, str(info.language), finite(info.duration, 3), tuple(segments), tuple(words))
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]  # CTranslate2 frees the weights with the last reference
@@ -221,19 +230,19 @@ class MlxWhisperTranscriber:
         for raw in result.get("segments", []):
             segment = TranscriptSegment(
                 id=len(segments),
-                start=round(float(raw["start"]), 3),
-                end=round(float(raw["end"]), 3),
+                start=finite(raw["start"], 3),
+                end=finite(raw["end"], 3),
                 text=str(raw["text"]),
                 seek=int(raw.get("seek", 0)),
                 tokens=tuple(int(t) for t in raw.get("tokens", ())),
-                temperature=float(raw.get("temperature", 0.0)),
-                avg_logprob=float(raw.get("avg_logprob", 0.0)),
-                compression_ratio=float(raw.get("compression_ratio", 0.0)),
-                no_speech_prob=float(raw.get("no_speech_prob", 0.0)),
+                temperature=finite(raw.get("temperature", 0.0)),
+                avg_logprob=finite(raw.get("avg_logprob", 0.0)),
+                compression_ratio=finite(raw.get("compression_ratio", 0.0)),
+                no_speech_prob=finite(raw.get("no_speech_prob", 0.0)),
             )
             segments.append(segment)
             words += [
-                TranscriptWord(str(w["word"]), float(w["start"]), float(w["end"]), float(w.get("probability", 0)))
+                TranscriptWord(str(w["word"]), finite(w["start"]), finite(w["end"]), finite(w.get("probability", 0)))
                 for w in raw.get("words", ())
             ]
             if on_segment is not None:

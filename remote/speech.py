@@ -27,6 +27,7 @@ from core.turns import JsonValue
 from remote import faults
 from remote.embeddings import RemoteWorker, Upstreams
 from remote.pool import Upstream, UpstreamUnavailable, describe
+from speech import finite
 
 PATHS = {"transcribe": "/audio/transcriptions", "translate": "/audio/translations"}
 
@@ -94,7 +95,7 @@ class RemoteTranscriber:
 
 
 def _number(value: JsonValue | None) -> float:
-    return float(value) if isinstance(value, int | float) else 0.0
+    return finite(value) if isinstance(value, int | float) else 0.0  # Python's json reads Infinity
 
 
 def parse_verbose(answer: JsonValue) -> Transcript:

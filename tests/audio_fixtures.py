@@ -79,6 +79,39 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     return row[-1] / max(1, len(ref))
 
 
+def build_tiny_mlx_whisper(folder: Path) -> Path:
+    """A random Whisper for mlx-whisper (one layer each side, 64 wide, a 32-token text context so a
+    window decodes in moments), saved as an mlx-community folder: config.json + weights.safetensors."""
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_whisper.whisper import ModelDimensions, Whisper
+
+    dims = {
+        "n_mels": 80,
+        "n_audio_ctx": 1500,  # fixed by Whisper's 30 s windows
+        "n_audio_state": 64,
+        "n_audio_head": 2,
+        "n_audio_layer": 1,
+        "n_vocab": 51865,  # the multilingual tokenizer
+        "n_text_ctx": 32,
+        "n_text_state": 64,
+        "n_text_head": 2,
+        "n_text_layer": 1,
+    }
+    mx.random.seed(0)
+    model = Whisper(ModelDimensions(**dims), mx.float16)
+    weights = {
+        name: value.astype(mx.float16) if mx.issubdtype(value.dtype, mx.floating) else value
+        for name, value in tree_flatten(model.parameters())
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(folder / "weights.safetensors"), weights)
+    (folder / "config.json").write_text(json.dumps({**dims, "model_type": "whisper"}))
+    return folder
+
+
 class FakeTranscriber:
     """Decodes the upload with the server's real decoder (so bad files fail as they would), then hears
     `FakeTranscriber.SENTENCES`, one segment per sentence spread over the audio. Records each call's
