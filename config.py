@@ -229,6 +229,14 @@ SERVER_KEYS: tuple[Key, ...] = (
         minimum=1024,
     ),
     Key("sessions_purge_seconds", "float", 60.0, "how often expired sessions are dropped; 0 = when full", minimum=0.0),
+    # Redis, shared by replicas: one URL per use, since a cache may evict (allkeys-lru) and sessions must not.
+    Key("cache_redis_url", "str", "", "a Redis cache tier shared by replicas (fails open); empty = none"),
+    Key("rate_limit_redis_url", "str", "", "rate limits of named keys shared through Redis (fail open)"),
+    Key("sessions_redis_url", "str", "", "sessions and stored responses in Redis (503 when it fails)"),
+    Key("redis_prefix", "str", "llmservice", "prefix of every Redis key this service writes", blank_is_default=True),
+    Key("redis_timeout_ms", "float", 20.0, "bound on each cache or rate-limit call to Redis", minimum=1.0),
+    Key("redis_cooldown_seconds", "float", 5.0, "after a Redis error, bypass it this long", minimum=0.0),
+    Key("sessions_redis_timeout_ms", "float", 1000.0, "bound on each sessions call to Redis", minimum=1.0),
 )
 
 
@@ -355,6 +363,13 @@ class Settings:
     sessions_max_messages: int = _server_default("sessions_max_messages")
     sessions_max_bytes: int = _server_default("sessions_max_bytes")
     sessions_purge_seconds: float = _server_default("sessions_purge_seconds")
+    cache_redis_url: str = _server_default("cache_redis_url")
+    rate_limit_redis_url: str = _server_default("rate_limit_redis_url")
+    sessions_redis_url: str = _server_default("sessions_redis_url")
+    redis_prefix: str = _server_default("redis_prefix")
+    redis_timeout_ms: float = _server_default("redis_timeout_ms")
+    redis_cooldown_seconds: float = _server_default("redis_cooldown_seconds")
+    sessions_redis_timeout_ms: float = _server_default("sessions_redis_timeout_ms")
 
     @property
     def keys_configured(self) -> bool:
@@ -592,6 +607,21 @@ def _check_tls(certfile: str, keyfile: str) -> None:
             raise ConfigError(f"{name} has value {path!r}: not a readable file")
 
 
+def _check_redis(values: Mapping[str, Any]) -> None:
+    """Redis URLs redis-py can open; a prefix that is no glob pattern (clearing the cache scans
+    `{prefix}:cache:*`, so a `*` in the prefix would reach other keys). Passwords stay out of errors."""
+    for name in ("cache_redis_url", "rate_limit_redis_url", "sessions_redis_url"):
+        url = values[name]
+        if url and not re.fullmatch(r"(rediss?|unix)://\S+", url):
+            shown = re.sub(r"//[^@/]*@", "//***@", url)
+            raise ConfigError(
+                f"{name.upper()} has value {shown!r}: use redis://host:6379/0, rediss://... or unix://..."
+            )
+    prefix = values["redis_prefix"]
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", prefix):
+        raise ConfigError(f"REDIS_PREFIX has value {prefix!r}: letters, digits, '_', '.', ':' and '-' only")
+
+
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -624,6 +654,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         )
     _check_cors_origins(values["cors_origins"])
     _check_tls(values["ssl_certfile"], values["ssl_keyfile"])
+    _check_redis(values)
     return Settings(tiers=tiers, **values)
 
 

@@ -38,13 +38,15 @@ def create_app(
     from middleware.keys import KeyStore
     from middleware.security import is_authenticated
     from ops import metrics
+    from scale.shared import Shared
     from sessions.conversations import Conversations, Limits
-    from sessions.store import MemoryStore
 
     keys = KeyStore(settings.api_keys, settings.api_keys_file)
     manager = ModelManager(settings, factories if factories is not None else default_factories())
     cache = ResponseCache(settings)
-    conversations = Conversations(MemoryStore(settings.sessions_max), Limits.from_settings(settings))
+    shared = Shared.build(settings, cache)  # what replicas share through Redis, if configured
+    conversations = Conversations(shared.store, Limits.from_settings(settings))
+    limiter = limiter if limiter is not None else shared.limiter
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,11 +60,18 @@ def create_app(
             await conversations.close()
             state.downloads.close()  # a transfer in progress stops at its next chunk
             await manager.close()
-            cache.close()
+            await shared.aclose()
+            await cache.aclose()
 
     app = FastAPI(title="llmservice", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     state = AppState(
-        settings, manager, cache, Activity(), metrics.Metrics(manager), started=time.time(), conversations=conversations
+        settings,
+        manager,
+        cache,
+        Activity(),
+        metrics.Metrics(manager, shared.status if shared.uses else None),
+        started=time.time(),
+        conversations=conversations,
     )
     app.state.llm = state
     install_error_handlers(app)
@@ -86,7 +95,10 @@ def create_app(
         status = "degraded" if any(t["state"] == "failed" for t in tiers.values()) else "ok"
         if settings.keys_configured and not is_authenticated(request.scope):
             return {"status": status}  # liveness only: model names and failure reasons need a key
-        return {"status": status, "uptime_seconds": round(time.time() - state.started, 1), "tiers": tiers}
+        body: dict[str, Any] = {"status": status, "uptime_seconds": round(time.time() - state.started, 1)}
+        if shared.uses:  # "ok" or "bypassed"/"unavailable" per use; a Redis outage never makes a replica unready
+            body["redis"] = {use: info.get("state") for use, info in shared.status().items()}
+        return {**body, "tiers": tiers}
 
     for path in ("/health", "/api/v1/health"):
         app.add_api_route(path, health, methods=["GET"])

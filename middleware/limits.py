@@ -11,7 +11,8 @@ Both minute limits are token buckets: full at first, refilled continuously at li
 A request takes one request token; tokens are charged after the fact, so the token bucket may go
 below zero, and the key waits until it is positive again. `max_parallel` counts requests until their
 last byte. `LocalLimiter` keeps this in memory, per process; the `Limiter` protocol is the seam for
-a limiter shared by replicas (issue 12 puts one over Redis, where the same two calls become a script).
+a limiter shared by replicas: scale/redis_limits.py runs the same two calls as scripts in Redis
+(RATE_LIMIT_REDIS_URL), and each admitted request carries a `slot` id back to `finish`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Decision:
     retry_after: float = 0.0
     limit: str = ""  # "requests", "tokens" or "parallel" when refused
     message: str = ""
+    slot: str = ""  # what the limiter needs back in `finish` to free this request's parallel slot
 
 
 class Limiter(Protocol):
@@ -51,8 +53,8 @@ class Limiter(Protocol):
         """Count one request of `key` (a request token and a parallel slot), or refuse it."""
         ...
 
-    async def finish(self, key: ApiKey, tokens: int) -> None:
-        """The admitted request ended: free its parallel slot and charge `tokens`."""
+    async def finish(self, key: ApiKey, tokens: int, slot: str = "") -> None:
+        """The admitted request ended: free its parallel slot (`slot` from its Decision) and charge `tokens`."""
         ...
 
 
@@ -66,7 +68,7 @@ def duration(seconds: float) -> str:
 
 
 @dataclass
-class _Bucket:
+class Bucket:
     level: float
     stamp: float
 
@@ -87,50 +89,61 @@ class _Bucket:
         }
 
 
+def refusals(key: ApiKey, requests: Bucket | None, tokens: Bucket | None, running: int) -> list[tuple[float, str, str]]:
+    """Why `key` may not start a request now: (wait, limit, what) for each limit it is over."""
+    found: list[tuple[float, str, str]] = []
+    if requests is not None and requests.level < WHOLE:
+        found.append((requests.wait(key.rpm), "requests", f"requests per minute (RPM): limit {key.rpm}"))
+    if tokens is not None and tokens.level < WHOLE:
+        found.append((tokens.wait(key.tpm), "tokens", f"tokens per minute (TPM): limit {key.tpm}"))
+    if key.max_parallel and running >= key.max_parallel:
+        found.append((PARALLEL_RETRY, "parallel", f"requests at once: limit {key.max_parallel}"))
+    return found
+
+
+def decide(
+    key: ApiKey, requests: Bucket | None, tokens: Bucket | None, refused: list[tuple[float, str, str]], slot: str = ""
+) -> Decision:
+    """The decision and its x-ratelimit-* headers, from the buckets as they are after admission."""
+    headers: dict[str, str] = {}
+    if requests is not None:
+        headers.update(requests.headers("requests", key.rpm))
+    if tokens is not None:
+        headers.update(tokens.headers("tokens", key.tpm))
+    if refused:
+        wait, limit, what = max(refused)
+        message = f"Rate limit reached for key {key.name!r} on {what}. Please try again in {duration(wait)}."
+        return Decision(False, headers, wait, limit, message)
+    return Decision(True, headers, slot=slot)
+
+
 class LocalLimiter:
     """The limits of this process, by key name (so a reloaded key file keeps the counts)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self._requests: dict[str, _Bucket] = {}
-        self._tokens: dict[str, _Bucket] = {}
+        self._requests: dict[str, Bucket] = {}
+        self._tokens: dict[str, Bucket] = {}
         self.in_flight: dict[str, int] = {}
 
-    def _bucket(self, buckets: dict[str, _Bucket], name: str, limit: int, now: float) -> _Bucket:
-        bucket = buckets.setdefault(name, _Bucket(float(limit), now))
+    def _bucket(self, buckets: dict[str, Bucket], name: str, limit: int, now: float) -> Bucket:
+        bucket = buckets.setdefault(name, Bucket(float(limit), now))
         bucket.refill(limit, now)
         return bucket
 
     async def admit(self, key: ApiKey) -> Decision:
         now = self.clock()
-        headers: dict[str, str] = {}
-        refusals: list[tuple[float, str, str]] = []
-        requests = tokens = None
-        if key.rpm:
-            requests = self._bucket(self._requests, key.name, key.rpm, now)
-            if requests.level < WHOLE:
-                refusals.append((requests.wait(key.rpm), "requests", f"requests per minute (RPM): limit {key.rpm}"))
-        if key.tpm:
-            tokens = self._bucket(self._tokens, key.name, key.tpm, now)
-            if tokens.level < WHOLE:
-                refusals.append((tokens.wait(key.tpm), "tokens", f"tokens per minute (TPM): limit {key.tpm}"))
+        requests = self._bucket(self._requests, key.name, key.rpm, now) if key.rpm else None
+        tokens = self._bucket(self._tokens, key.name, key.tpm, now) if key.tpm else None
         running = self.in_flight.get(key.name, 0)
-        if key.max_parallel and running >= key.max_parallel:
-            refusals.append((PARALLEL_RETRY, "parallel", f"requests at once: limit {key.max_parallel}"))
-        if requests is not None and not refusals:
-            requests.level -= 1
-        if requests is not None:
-            headers.update(requests.headers("requests", key.rpm))
-        if tokens is not None:
-            headers.update(tokens.headers("tokens", key.tpm))
-        if refusals:
-            wait, limit, what = max(refusals)
-            message = f"Rate limit reached for key {key.name!r} on {what}. Please try again in {duration(wait)}."
-            return Decision(False, headers, wait, limit, message)
-        self.in_flight[key.name] = running + 1
-        return Decision(True, headers)
+        refused = refusals(key, requests, tokens, running)
+        if not refused:
+            if requests is not None:
+                requests.level -= 1
+            self.in_flight[key.name] = running + 1
+        return decide(key, requests, tokens, refused)
 
-    async def finish(self, key: ApiKey, tokens: int) -> None:
+    async def finish(self, key: ApiKey, tokens: int, slot: str = "") -> None:
         running = self.in_flight.get(key.name, 0) - 1
         if running > 0:
             self.in_flight[key.name] = running
@@ -171,4 +184,4 @@ class RateLimit:
         finally:
             info = request_context.current()
             used = info.prompt_tokens + info.completion_tokens if info is not None else 0
-            await self.limiter.finish(key, used)
+            await self.limiter.finish(key, used, decision.slot)

@@ -4,13 +4,14 @@ Request counters and histograms are recorded by `request_context.RequestContext`
 ends. Tier state (loaded, memory, in flight, queue) is read from the model manager at scrape time,
 so it is never stale. The response cache reports through `Metrics.cache_hit` / `cache_miss`, or
 through `request_context.note_cache` / the `X-Cache` header, which the middleware counts. A request
-with an API key is also counted under the key's name (`llmservice_key_*`): never the secret.
+with an API key is also counted under the key's name (`llmservice_key_*`): never the secret. Each Redis
+use (cache, rate limits, sessions) reports its state and counters at scrape time (`llmservice_redis_*`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
@@ -22,7 +23,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from middleware.request_info import RequestInfo
@@ -36,8 +37,12 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 
 
+# Each Redis use's status (scale/redis_link.py `FailOpen.status`, plus a tier's own counters), by use.
+RedisStatus = Callable[[], Mapping[str, Mapping[str, object]]]
+
+
 class Metrics:
-    def __init__(self, manager: ModelManager | None = None) -> None:
+    def __init__(self, manager: ModelManager | None = None, redis: RedisStatus | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         labels = ["tier", "endpoint", "status"]
@@ -86,6 +91,8 @@ class Metrics:
         ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds (Linux)
         if manager is not None:
             r.register(TierCollector(manager))
+        if redis is not None:
+            r.register(RedisCollector(redis))
 
     # ------------------------------------------------------------ recording
 
@@ -178,6 +185,38 @@ class TierCollector(Collector):
             if found is not None:
                 memory.add_metric([name, found[1]], found[0])
         yield from (loaded, state, memory, in_flight, queue, active)
+
+
+class RedisCollector(Collector):
+    """Reads each Redis use's state and counters at each scrape."""
+
+    COUNTERS = (
+        ("errors", "Failed Redis calls (each one bypasses Redis for a cooldown)"),
+        ("bypassed", "Calls that skipped Redis during a cooldown"),
+        ("hits", "Response cache entries found in Redis"),
+        ("misses", "Response cache entries looked up in Redis and not found"),
+    )
+
+    def __init__(self, status: RedisStatus) -> None:
+        self.status = status
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        up = GaugeMetricFamily(f"{PREFIX}_redis_up", "1 while Redis answers (0: bypassed or failing)", labels=["use"])
+        counters = {
+            name: CounterMetricFamily(f"{PREFIX}_redis_{name}", meaning, labels=["use"])
+            for name, meaning in self.COUNTERS
+        }
+        for use, status in self.status().items():
+            up.add_metric([use], 1.0 if status.get("state") == "ok" else 0.0)
+            for name, family in counters.items():
+                value = status.get(name)
+                if isinstance(value, int | float):
+                    family.add_metric([use], float(value))
+        yield up
+        yield from counters.values()
 
 
 router = APIRouter()
