@@ -29,6 +29,7 @@ SPEECH_BACKENDS = ("faster_whisper", "mlx_whisper", "remote")
 COMPUTE_TYPES = tuple(
     "default auto int8 int8_float32 int8_float16 int8_bfloat16 int16 float16 bfloat16 float32".split()
 )
+ISOLATIONS = ("thread", "process")  # where a local tier's model runs (isolation/supervisor.py)
 LB_POLICIES = ("least_outstanding", "round_robin", "session")  # how a remote tier picks an upstream (remote/pool.py)
 _BACKEND_ALIASES = {
     "llama.cpp": "llamacpp",
@@ -178,6 +179,7 @@ TIER_KEYS: tuple[TierKey, ...] = (
     TierKey("max_documents", "int", 1000, "documents per rerank request", minimum=1, cache_key=False),
     TierKey("batch_wait_ms", "float", 5.0, "micro-batching: gather requests this long", minimum=0.0, cache_key=False),
     TierKey("max_batch", "int", 64, "micro-batching: ... or until this many inputs", minimum=1, cache_key=False),
+    TierKey("isolation", "lower", "thread", "thread | process (a native crash ends this tier only)", cache_key=False),
     TierKey(
         "beam_size", "int", 5, "speech: beam search width; 1 = greedy (faster)", minimum=1, maximum=16, cache_key=True
     ),
@@ -294,6 +296,7 @@ class TierConfig:
     max_documents: int = _tier_default("max_documents")
     batch_wait_ms: float = _tier_default("batch_wait_ms")
     max_batch: int = _tier_default("max_batch")
+    isolation: str = _tier_default("isolation")
     beam_size: int = _tier_default("beam_size")
     compute_type: str = _tier_default("compute_type")
     max_audio_seconds: float = _tier_default("max_audio_seconds")
@@ -506,6 +509,7 @@ def _tier_config(tier: str, env: Mapping[str, str]) -> TierConfig | None:
     config = TierConfig(name=tier, model_path=path, backend=backend, **values)
     _check_embedding_mode(config, env)
     _check_upstreams(config)
+    _check_isolation(config)
     if config.compute_type not in COMPUTE_TYPES:
         raise ConfigError(
             f"{tier.upper()}_COMPUTE_TYPE has value {config.compute_type!r}: use {', '.join(COMPUTE_TYPES)}"
@@ -561,6 +565,15 @@ def _check_upstreams(config: TierConfig) -> None:
         raise ConfigError(f"{prefix}_LB_POLICY has value {config.lb_policy!r}: use {', '.join(LB_POLICIES)}")
     if config.upstream_api not in ("openai", "tei"):
         raise ConfigError(f"{prefix}_UPSTREAM_API has value {config.upstream_api!r}: use openai or tei")
+
+
+def _check_isolation(config: TierConfig) -> None:
+    """Process isolation runs the models of local chat, embedding and rerank tiers (a remote tier has none)."""
+    name = f"{config.name.upper()}_ISOLATION"
+    if config.isolation not in ISOLATIONS:
+        raise ConfigError(f"{name} has value {config.isolation!r}: use thread or process")
+    if config.isolation == "process" and config.kind not in ("chat", "embedding", "rerank"):
+        raise ConfigError(f"{name} has value 'process': only chat, embedding and rerank tiers run in a process")
 
 
 def _check_names(tiers: Mapping[str, TierConfig]) -> None:

@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -41,6 +41,9 @@ from core.errors import Conflict, InvalidRequest, ModelUnavailable, Overloaded, 
 from core.microbatch import BatchWorker
 from core.protocols import Factory
 from core.turns import ChatBackend
+from isolation.chat import IsolatedChat
+from isolation.models import isolated_batch_worker
+from isolation.supervisor import CrashReport, Restarts
 from models_admin.overrides import Overrides, OverrideStore
 
 if TYPE_CHECKING:  # imported by its factory, only when a tier is remote
@@ -127,6 +130,8 @@ class TierRuntime:
     reserved_bytes: int = 0  # counted against MAX_MEMORY_GB while loading or loaded
     rss_delta_bytes: int | None = None  # measured around the load
     unload_seconds: float = 0.0
+    restarts: Restarts = field(default_factory=Restarts)  # crashes of its worker process, and the backoff
+    generation: int = 0  # worker processes started: a late crash report of an older one is ignored
     drained: asyncio.Event | None = None  # once swapped out: set when its last request ends
 
     @property
@@ -185,6 +190,8 @@ class ModelManager:
         }
         if rt.reason:
             out["reason"] = rt.reason
+        if rt.config.isolation == "process":
+            out["isolation"] = "process"
         if rt.worker is not None and rt.state == READY:
             out.update(rt.worker.status())
             out["load_seconds"] = round(rt.load_seconds, 3)
@@ -234,15 +241,20 @@ class ModelManager:
             found = self.factories.get(f"workers:{config.backend}")
         return found
 
-    def _start_worker(self, config: TierConfig) -> Worker:
+    def _start_worker(self, config: TierConfig, runtime: TierRuntime) -> Worker:
         direct = self._direct_factory(config)
         if direct is not None:
             backend: Worker = direct(config, self.settings)
             return backend
         factory = self._factory(config)
         loader = lambda: factory(config, self.settings)  # noqa: E731
+        process = config.isolation == "process"  # the model runs in a worker process: a crash ends only that
         if config.kind == "chat":
-            local = LocalChat(ChatScheduler(loader, config.name, config.max_queue, config.queue_timeout), config)
+            local: ChatBackend = (
+                IsolatedChat(factory, config, self.settings, self._crash_report(runtime))
+                if process
+                else LocalChat(ChatScheduler(loader, config.name, config.max_queue, config.queue_timeout), config)
+            )
             if config.spillover_upstreams:  # a full queue overflows to upstream servers instead of a 503
                 from remote.spillover import with_spillover
 
@@ -250,9 +262,37 @@ class ModelManager:
             return local
         # Embedding and rerank tiers micro-batch concurrent requests (microbatch.py); a speech tier runs
         # one request at a time on the same owner thread (plain `submit`).
+        if process:
+            return isolated_batch_worker(factory, config, self.settings, self._crash_report(runtime))
         return BatchWorker(
             loader, config.name, config.max_queue, config.batch_wait_ms, config.max_batch, config.queue_timeout
         )
+
+    def _crash_report(self, rt: TierRuntime) -> CrashReport:
+        """What a new worker process of `rt` (a tier's current model, or one staged by a swap) calls, from
+        its own thread, when it dies unasked."""
+        loop = asyncio.get_running_loop()
+        rt.generation += 1
+        generation = rt.generation
+
+        def report(reason: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the service is exiting anyway
+                loop.call_soon_threadsafe(self._crashed, rt, generation, reason)
+
+        return report
+
+    def _crashed(self, rt: TierRuntime, generation: int, reason: str) -> None:
+        """A worker process died: the tier is failed with the exit reason until a request restarts it."""
+        if generation != rt.generation:
+            return
+        rt.restarts.crashed(self.clock(), self.clock() - rt.loaded_at if rt.state == READY else 0.0, reason)
+        if rt.state != READY:
+            return  # it died while loading: the load reports it
+        worker, rt.worker = rt.worker, None
+        rt.state, rt.reason, rt.reserved_bytes = FAILED, reason, 0
+        self._freed.set()
+        if worker is not None:  # its threads on this side end too
+            asyncio.get_running_loop().run_in_executor(None, worker.shutdown)
 
     async def _load(self, rt: TierRuntime, patience: float | None = None) -> None:
         rt.reason = ""
@@ -263,7 +303,7 @@ class ModelManager:
             raise
         started, rss_before = time.perf_counter(), rss_bytes()
         try:
-            worker = self._start_worker(rt.config)
+            worker = self._start_worker(rt.config, rt)
             await asyncio.wrap_future(worker.ready)
         except ServiceError as exc:
             self._failed(rt, exc.message)
@@ -347,6 +387,7 @@ class ModelManager:
     async def ensure_loaded(self, tier: str) -> Worker:
         rt = self.tiers[tier]
         if rt.state in (UNLOADED, FAILED) and rt.loading is None:
+            rt.restarts.check(tier, self.clock())  # a worker process that keeps crashing restarts ever later
             self.start_loading(tier)
         if rt.loading is not None:
             await asyncio.shield(rt.loading)
