@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,16 +83,34 @@ def test_mlx_concurrent_streams_each_get_their_budget(mlx_server: LiveServer) ->
 
 
 def test_mlx_disconnect_frees_the_sequence(mlx_server: LiveServer) -> None:
-    body = chat_body("hello", max_tokens=400, stream=True)
-    with httpx.stream("POST", mlx_server.url + "/v1/chat/completions", json=body, timeout=DEADLINE_S) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                break  # text: the sequence is generating (the role chunk may come before it starts)
-        worker = mlx_server.app.state.llm.manager.tiers["medium"].worker.scheduler
-        jobs = [job for job, _ in list(worker.model._jobs.values())]
-        assert len(jobs) == 1
-    wait_for(lambda: worker.active == 0 and not worker.model._jobs, "the sequence freed after the disconnect")
-    assert jobs[0].cancelled.is_set()
+    worker = mlx_server.app.state.llm.manager.tiers["medium"].worker.scheduler
+    model = worker.model
+    original_step, released, texted = model.step, threading.Event(), threading.Event()
+
+    def held_step() -> Any:
+        # After the first text, the next decode step waits until the test has disconnected: a tiny model
+        # on a loaded machine could otherwise finish all its tokens before the client reads the first.
+        if texted.is_set():
+            released.wait(DEADLINE_S)
+        outputs = original_step()
+        if any(output.text for output in outputs):
+            texted.set()
+        return outputs
+
+    model.step = held_step
+    try:
+        body = chat_body("hello", max_tokens=400, stream=True)
+        with httpx.stream("POST", mlx_server.url + "/v1/chat/completions", json=body, timeout=DEADLINE_S) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    break  # text: the sequence is generating (the role chunk may come before it starts)
+            jobs = [job for job, _ in list(model._jobs.values())]
+            assert len(jobs) == 1
+        wait_for(jobs[0].cancelled.is_set, "the cancel after the disconnect")
+    finally:
+        released.set()
+        model.step = original_step
+    wait_for(lambda: worker.active == 0 and not model._jobs, "the sequence freed after the disconnect")
     assert jobs[0].completion_tokens < 400
 
 

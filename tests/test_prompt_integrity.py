@@ -73,13 +73,16 @@ def test_a_sequence_that_fails_alone_leaves_its_batch_neighbour_running(fake_reg
         url = live.url + "/v1/chat/completions"
         assert httpx.post(url, json=chat("warm"), timeout=DEADLINE_S).status_code == 200
         model = fake_registry.models["light"]
-        model.hold_gate = threading.Event()  # no step until both sequences are in
+        scheduler = app.state.llm.manager.tiers["light"].worker.scheduler
+        model.hold_gate = threading.Event()  # no step until both requests are with the scheduler
 
         async def both() -> tuple[httpx.Response, httpx.Response]:
             async with httpx.AsyncClient(timeout=DEADLINE_S) as client:
                 long = asyncio.ensure_future(client.post(url, json=chat("ENDLESS", max_tokens=40)))
                 poisoned = asyncio.ensure_future(client.post(url, json=chat("POISON pill")))
-                await wait_for_async(lambda: len(model.active) == 2, "both sequences started")
+                # A held step keeps the owner thread, so the second may wait in the queue until the gate
+                # opens; it then joins the long one's batch, which has 40 tokens to go.
+                await wait_for_async(lambda: scheduler.active + scheduler.queued == 2, "both requests queued")
                 model.hold_gate.set()
                 return await long, await poisoned
 

@@ -116,14 +116,26 @@ def test_the_drain_deadline_cancels_what_is_left(processes: list[ServerProcess],
 
 
 def test_inactivity_shutdown_waits_for_an_open_stream(processes: list[ServerProcess], workdir: Path) -> None:
-    server = start(processes, workdir, SHUTDOWN_TIMEOUT="0.2")
-    stream = HeldStream(server.url, workdir)
+    # The stream must open before the idle clock runs out; a loaded machine may be slower than a short
+    # timeout, so a server that exited before the stream opened is tried again with a longer one.
+    for timeout in ("0.2", "1", "5", "25"):
+        attempt = workdir / f"idle-{timeout}"
+        attempt.mkdir()
+        server = start(processes, attempt, SHUTDOWN_TIMEOUT=timeout)
+        port = server.read_port()
+        url = f"http://127.0.0.1:{port}"
+        stream = HeldStream(url, attempt) if port is not None else None
+        if stream is not None and stream.events and "transport_error" not in stream.events[0]:
+            break
+        server.wait()
+    else:
+        pytest.fail("no stream opened before the idle timeout, even at 25 s")
     # The clock: a second server with the same timeout, started after the stream opened, exits for
     # inactivity. By then the first one's idle timeout has passed too, while its stream was open.
-    (workdir / "control").mkdir()
-    control = start(processes, workdir / "control", SHUTDOWN_TIMEOUT="0.2")
+    (attempt / "control").mkdir()
+    control = start(processes, attempt / "control", SHUTDOWN_TIMEOUT=timeout)
     assert control.wait() == 0 and "no requests for" in control.log
-    assert httpx.get(f"{server.url}/health", timeout=DEADLINE_S).status_code == 200
+    assert httpx.get(f"{url}/health", timeout=DEADLINE_S).status_code == 200
     assert server.proc.poll() is None
     assert "no requests for" not in server.log  # not even draining
     stream.release()
