@@ -32,6 +32,10 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# glibc's per-thread arenas keep the high-water mark of torch's varying tensor sizes: with these the
+# soak benchmark's memory stays flat after warm-up (BENCHMARKS.md, Soak). Set them yourself to override.
+export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}" MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-65536}"
+
 if [ "$mode" = "test" ]; then
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
   exec .venv/bin/python -m pytest "$@"

@@ -158,12 +158,18 @@ async def collect(turn: Turn, client_gone: Awaitable[None] | None = None) -> lis
             await asyncio.wait({results, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not results.done():
                 results.cancel()
+                results.add_done_callback(_retrieved)  # a cancelled gather unread logs a stack when collected
                 raise ClientGone("The client disconnected before the answer was ready")
         return list(await results)
     finally:
         if watcher is not None:
             watcher.cancel()
         await turn.aclose()
+
+
+def _retrieved(future: asyncio.Future[list[ChoiceResult]]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def disconnected(request: Request) -> None:
