@@ -60,6 +60,11 @@ class Upstreams:
         self._model_known = bool(config.upstream_model) or config.upstream_api != "openai"
 
     def post(self, path: str, body: JsonObject) -> JsonValue:
+        return self.send(lambda url: self.client.post(url + path, json=body, headers=self.headers))
+
+    def send(self, request: Callable[[str], httpx.Response]) -> JsonValue:
+        """`request(base_url)` on upstreams of the pool until one answers; failover on upstream faults
+        only, an upstream's refusal (4xx) passed through."""
         tried: list[Upstream] = []
         errors: list[str] = []
         for _ in range(1 + self.config.retries):
@@ -68,7 +73,7 @@ class Upstreams:
                 break
             tried.append(attempt.upstream)
             try:
-                response = self.client.post(attempt.upstream.url + path, json=body, headers=self.headers)
+                response = request(attempt.upstream.url)
                 answer = response.json() if response.status_code == 200 else None
             except (httpx.HTTPError, ValueError) as exc:
                 attempt.finish("fault", f"{type(exc).__name__}: {exc}"[:200])

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import httpx
-
 from config import Settings, TierConfig
 from core.errors import BackendError
 from core.protocols import (
@@ -24,9 +22,7 @@ from core.protocols import (
     TranscriptWord,
 )
 from core.turns import JsonValue
-from remote import faults
 from remote.embeddings import RemoteWorker, Upstreams
-from remote.pool import Upstream, UpstreamUnavailable, describe
 from speech import finite
 
 PATHS = {"transcribe": "/audio/transcriptions", "translate": "/audio/translations"}
@@ -55,40 +51,9 @@ class RemoteTranscriber:
         return transcript
 
     def _post(self, path: str, form: Mapping[str, str | list[str]], audio: AudioFile) -> JsonValue:
-        """One multipart POST over the pool, failing over as `Upstreams.post` does for JSON."""
         up = self.upstreams
-        tried: list[Upstream] = []
-        errors: list[str] = []
-        for _ in range(1 + up.config.retries):
-            attempt = up.pool.pick(tried)
-            if attempt is None:
-                break
-            tried.append(attempt.upstream)
-            files = {"file": (audio.filename, audio.data, audio.content_type)}
-            try:
-                response = up.client.post(attempt.upstream.url + path, data=form, files=files, headers=up.headers)
-                answer = response.json() if response.status_code == 200 else None
-            except (httpx.HTTPError, ValueError) as exc:
-                attempt.finish("fault", f"{type(exc).__name__}: {exc}"[:200])
-                errors.append(f"{attempt.upstream.label}: {type(exc).__name__}")
-                continue
-            except BaseException:
-                attempt.finish("neutral")
-                raise
-            if response.status_code == 200:
-                attempt.finish("ok")
-                return answer  # type: ignore[no-any-return]
-            if faults.is_fault(response.status_code):
-                text = faults.fault_text(response.status_code, response.content)
-                attempt.finish("fault", text, faults.retry_after_seconds(response.headers.get("retry-after")))
-                errors.append(f"{attempt.upstream.label}: {text}")
-                continue
-            attempt.finish("ok")
-            raise faults.refusal(response.status_code, response.content)
-        raise UpstreamUnavailable(
-            f"No upstream of the {up.config.name} tier could answer: {describe(errors)}",
-            retry_after=up.pool.retry_after(),
-        )
+        files = {"file": (audio.filename, audio.data, audio.content_type)}
+        return up.send(lambda url: up.client.post(url + path, data=form, files=files, headers=up.headers))
 
     def close(self) -> None:
         self.upstreams.close()
