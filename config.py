@@ -149,6 +149,7 @@ TIER_KEYS: tuple[TierKey, ...] = (
     TierKey("patterns", "list", (), "glob patterns of names for this tier", cache_key=False),
     TierKey("ttl", "float", 0.0, "idle seconds before unloading; 0 = never", minimum=0.0, cache_key=False),
     TierKey("parallel", "int", 4, "concurrent sequences of a chat tier", minimum=1, cache_key=False),
+    TierKey("prefix_reuse", "bool", True, "llama.cpp: reuse KV of a prompt prefix any slot holds", cache_key=False),
     TierKey("max_queue", "int", 64, "waiting requests before 503", minimum=0, cache_key=False),
     TierKey("queue_timeout", "float", 60.0, "seconds a request may wait for a slot", minimum=0.0, cache_key=False),
     TierKey(
@@ -273,6 +274,7 @@ class TierConfig:
     patterns: tuple[str, ...] = _tier_default("patterns")
     ttl: float = _tier_default("ttl")
     parallel: int = _tier_default("parallel")
+    prefix_reuse: bool = _tier_default("prefix_reuse")
     max_queue: int = _tier_default("max_queue")
     queue_timeout: float = _tier_default("queue_timeout")
     request_timeout: float = _tier_default("request_timeout")
