@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -76,6 +78,40 @@ def default_factories() -> dict[str, Factory]:
         **rerankers.FACTORIES,
         **speech.FACTORIES,
     }
+
+
+def warm_modules() -> dict[Factory, tuple[str, ...]]:
+    """What each loader imports on first use: WARM_IMPORTS imports it in the background at start-up, so a
+    first request pays for its model's load only (torch plus sentence-transformers take ~6 s here, MiniLM
+    ~70 ms). Keyed by the loader itself, so a test's fake loaders warm nothing."""
+    import embedders
+    import rerankers
+    import speech
+    from chat import loaders
+
+    return {
+        loaders.load_llamacpp_chat: ("llama_cpp", "chat.llama_engine"),
+        embedders.load_sentence_transformers: ("sentence_transformers",),
+        embedders.load_bge_m3: ("FlagEmbedding",),
+        embedders.load_llamacpp_embedder: ("llama_cpp",),
+        rerankers.load_cross_encoder: ("sentence_transformers",),
+        rerankers.load_flag_reranker: ("FlagEmbedding",),
+        rerankers.load_llamacpp_reranker: ("llama_cpp",),
+        speech.load_faster_whisper: ("faster_whisper",),
+    }
+
+
+def _import_all(modules: list[str]) -> None:
+    """Import `modules` (on a background thread: the event loop keeps serving, and a first request that
+    needs one of them waits only for what is left of its import)."""
+    for name in modules:
+        start = time.perf_counter()
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - the tier's own load reports a missing library
+            log.debug("warming %s failed: %s", name, exc)
+            continue
+        log.info("imported %s in the background in %.1f s", name, time.perf_counter() - start)
 
 
 def _tree_bytes(path: Path) -> int:
@@ -411,9 +447,24 @@ class ModelManager:
             log.warning("tier %s was not loaded: %s", rt.config.name, future.exception())
 
     def preload(self) -> None:
+        """Start loading the tiers marked PRELOAD; warm the libraries of those that load on first use."""
         for name, rt in self.tiers.items():
             if rt.config.preload:
                 self.start_loading(name)
+        modules = self.lazy_modules() if self.settings.warm_imports else []
+        if modules:
+            threading.Thread(target=_import_all, args=(modules,), name="warm-imports", daemon=True).start()
+
+    def lazy_modules(self) -> list[str]:
+        """The libraries local tiers import on first use, in tier order (a tier not configured is not here)."""
+        known = warm_modules()
+        modules: list[str] = []
+        for rt in self.tiers.values():
+            factory = self.factories.get(f"{rt.config.kind}:{rt.config.backend}")
+            if rt.config.preload or rt.config.isolation != "thread" or factory is None:
+                continue  # loading now anyway, or its model lives in a process of its own
+            modules += [name for name in known.get(factory, ()) if name not in modules]
+        return modules
 
     @contextlib.asynccontextmanager
     async def lease(self, tier: str, config: TierConfig | None = None) -> AsyncIterator[Any]:
