@@ -105,7 +105,9 @@ def measure_levels(base_url: str, model: str, levels: tuple[int, ...] = LEVELS) 
 # ---------------------------------------------------------------- servers
 
 
-def start_ours(path: str, parallel: int) -> tuple[subprocess.Popen[bytes], str, Path]:
+def start_ours(
+    path: str, parallel: int, extra: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str, Path]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-ours-"))
     port_file = workdir / ".port"
     env = {
@@ -120,6 +122,7 @@ def start_ours(path: str, parallel: int) -> tuple[subprocess.Popen[bytes], str, 
         "EMBEDDING_MODEL_PATH": "",
         "RERANKER_MODEL_PATH": "",
         "LOG_LEVEL": "warning",
+        **(extra or {}),
     }
     process = subprocess.Popen([sys.executable, str(ROOT / "server.py")], cwd=workdir, env=env)
     deadline = time.monotonic() + 60
@@ -178,7 +181,9 @@ def find_llama_server() -> str | None:
         return None
 
 
-def start_cpp_server(binary: str, path: str, parallel: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_cpp_server(
+    binary: str, path: str, parallel: int, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     cmd = [
         binary,
@@ -194,6 +199,7 @@ def start_cpp_server(binary: str, path: str, parallel: int) -> tuple[subprocess.
         "127.0.0.1",
         "--port",
         str(port),
+        *extra,
     ]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
