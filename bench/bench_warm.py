@@ -7,8 +7,8 @@ nothing preloaded), alternating WARM_IMPORTS=false and true, and measures:
 - start-up: spawn to the first `GET /health` answered;
 - /health while warming: the slowest of the polls (every 100 ms) over the next few seconds;
 - the first `/v1/embeddings` request (one sentence), sent as soon as /health answers;
-- with warming on, also a first request sent only after the cold first request's time has passed (the
-  import has had its time), on a fresh server.
+- with warming on, also a first request sent 3 s later, and one sent only after the cold first request's
+  time has passed (the import has had its time), each on a fresh server.
 The 1-minute load average is recorded: this machine's 2 cores are shared. Results go to BENCHMARKS.md
 (## Cold start).
 """
@@ -93,9 +93,10 @@ def main() -> None:
     for n in range(args.rounds):
         cold = run(path, False, 0.0, 0.0)
         warm_now = run(path, True, 0.0, 0.0)
+        warm_soon = run(path, True, 3.0, 0.0)
         later = 1.2 * cold["first"]  # the import has had the time a cold first request took
         warm_later = run(path, True, later, min(later, 10.0))
-        rows += [{"round": n + 1, **row} for row in (cold, warm_now, warm_later)]
+        rows += [{"round": n + 1, **row} for row in (cold, warm_now, warm_soon, warm_later)]
     out = Path(__file__).resolve().parent / "results" / "bench_warm.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))

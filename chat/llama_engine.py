@@ -39,7 +39,7 @@ from core.turns import Message
 
 log = logging.getLogger("llmservice.llamacpp")
 PENALTY_WINDOW = 64  # tokens of history the repetition penalties look at
-# A copy moves a whole KV stream (N_CTX cells: 74 MB for Gemma 270M at 4096, ~30 ms here) whatever the
+# A copy moves a whole KV stream (N_CTX cells: 74 MB for Gemma 270M at 4096, ~12 ms here) whatever the
 # prefix, so a shorter gain is prefilled instead; and a slot whose content goes on past the prompt's prefix
 # by no more than this counts as starting the prompt (what it loses is cheap to recompute).
 MIN_COPY_TOKENS = 32
@@ -295,7 +295,7 @@ class LlamaCppChat:
     def _destination(self, free: list[_Slot], prompt: Sequence[int]) -> _Slot:
         """First the free slot that keeps the busy ones consecutive: with one KV stream per sequence llama.cpp
         splits a batch at every gap in the sequence ids, and each piece reads all the weights again (one token
-        each for sequences 0, 2, 4, 6 took 2.6x as long as for 0-3 here); a prefix held elsewhere is copied in
+        each for sequences 0, 2, 4, 6 took 2.5x as long as for 0-3 here); a prefix held elsewhere is copied in
         by `_borrow` for less than one step of a gap costs. Then the one whose content starts the prompt but
         for a short tail (a chat's previous turn); then the least recently used: its content is evicted."""
         busy = {slot.seq_id for slot in self._slots if slot.busy}
