@@ -150,6 +150,8 @@ TIER_KEYS: tuple[TierKey, ...] = (
     TierKey("ttl", "float", 0.0, "idle seconds before unloading; 0 = never", minimum=0.0, cache_key=False),
     TierKey("parallel", "int", 4, "concurrent sequences of a chat tier", minimum=1, cache_key=False),
     TierKey("prefix_reuse", "bool", True, "llama.cpp: reuse KV of a prompt prefix any slot holds", cache_key=False),
+    TierKey("speculative", "lower", "off", "llama.cpp: ngram = prompt-lookup drafts; off", cache_key=False),
+    TierKey("draft_max", "int", 8, "llama.cpp: most guessed tokens verified per step", minimum=1, cache_key=False),
     TierKey("max_queue", "int", 64, "waiting requests before 503", minimum=0, cache_key=False),
     TierKey("queue_timeout", "float", 60.0, "seconds a request may wait for a slot", minimum=0.0, cache_key=False),
     TierKey(
@@ -276,6 +278,8 @@ class TierConfig:
     ttl: float = _tier_default("ttl")
     parallel: int = _tier_default("parallel")
     prefix_reuse: bool = _tier_default("prefix_reuse")
+    speculative: str = _tier_default("speculative")
+    draft_max: int = _tier_default("draft_max")
     max_queue: int = _tier_default("max_queue")
     queue_timeout: float = _tier_default("queue_timeout")
     request_timeout: float = _tier_default("request_timeout")
@@ -514,6 +518,8 @@ def _tier_config(tier: str, env: Mapping[str, str]) -> TierConfig | None:
     _check_embedding_mode(config, env)
     _check_upstreams(config)
     _check_isolation(config)
+    if config.speculative not in ("off", "ngram"):
+        raise ConfigError(f"{config.name.upper()}_SPECULATIVE has value {config.speculative!r}: use off or ngram")
     if config.compute_type not in COMPUTE_TYPES:
         raise ConfigError(
             f"{tier.upper()}_COMPUTE_TYPE has value {config.compute_type!r}: use {', '.join(COMPUTE_TYPES)}"

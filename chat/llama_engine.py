@@ -14,6 +14,12 @@ N_CTX cells, at the next decode) and only the rest is prefilled. A request whose
 sequence is still prefilling waits for it instead of computing the same tokens again, so concurrent
 requests sharing a prompt prefill it once.
 
+Prompt-lookup drafts (`{TIER}_SPECULATIVE=ngram`, chat/ngram_draft.py): a generating sequence's next token
+goes into the batch with a guess at the tokens after it, taken from its own history; each position is
+sampled with the request's own chain, in order, and the guess is kept up to the first token the model did
+not choose, so every emitted token is drawn from exactly the distribution plain decoding draws it from
+(greedy output is the same token for token), several per step when the guess is right.
+
 Everything here runs on the model's owner thread (see scheduler.py), except `tokenize`, which only
 reads the immutable vocabulary.
 """
@@ -32,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chat import structured_output, templates
+from chat.ngram_draft import NgramDrafter
 from config import TierConfig
 from core.errors import BackendError, InvalidRequest
 from core.protocols import GenerationJob, SamplingParams, StepOutput, check_token_ids
@@ -81,6 +88,7 @@ class _Sequence:
     reused_tokens: int = 0  # prompt tokens not prefilled: kept in its slot or copied from another
     copied_tokens: int = 0  # ... of which copied from another sequence's KV
     waiting: bool = False  # another sequence is prefilling a longer prefix of this prompt: copy it, then go on
+    drafter: NgramDrafter | None = None  # prompt-lookup guesses (SPECULATIVE=ngram, free-form output only)
 
 
 @dataclass
@@ -93,6 +101,7 @@ class _Entry:
     base: int  # the position of the first token
     sample: bool  # logits wanted for the last token (a generated token, or the end of the prompt)
     prefill: bool  # the tokens come from the prompt (else the last sampled token)
+    draft: list[int] = field(default_factory=list)  # guessed tokens after the last sampled one, to verify
     index: int = -1  # the batch index of the last token, set by _decode
 
 
@@ -145,6 +154,8 @@ class LlamaCppChat:
         self._slots = [_Slot(seq_id=i) for i in range(tier.parallel)]
         self._sequences: dict[int, _Sequence] = {}  # id(job) -> state, in insertion order
         self._prefix_reuse = tier.prefix_reuse
+        self._draft_max = tier.draft_max if tier.speculative == "ngram" else 0
+        self._drafted = [0, 0]  # guessed tokens verified and kept, over the model's life
         self._clock = itertools.count(1)
         self._piece = ctypes.create_string_buffer(256)
         self._candidates = _internals.LlamaTokenDataArray(n_vocab=self._n_vocab)  # for constrained sampling
@@ -287,6 +298,8 @@ class LlamaCppChat:
             matcher=matcher,
             reused_tokens=keep,
         )
+        if self._draft_max and matcher is None:  # a schema-bound sequence samples through its matcher: no guesses
+            state.drafter = NgramDrafter(prompt, self._draft_max)
         job.state = state
         self._sequences[id(job)] = state
         if self._prefix_reuse:
@@ -385,21 +398,39 @@ class LlamaCppChat:
         slower once prefix reuse had reassigned slots). Generating sequences always get their token;
         prefill chunks share the rest of the batch, so a long prompt never stalls the others."""
         ordered = sorted(self._sequences.items(), key=lambda item: item[1].slot.seq_id)
-        prefill_budget = self._n_batch - sum(1 for _, s in ordered if not s.pending and s.last_token is not None)
+        budget = self._n_batch - sum(1 for _, s in ordered if not s.pending and s.last_token is not None)
+        # Guesses get half of what is left while a prompt is being prefilled, all of it otherwise.
+        prefilling = any(s.pending and not s.waiting for _, s in ordered)
+        draft_budget = budget // 2 if prefilling else budget
         entries: list[_Entry] = []
         for key, state in ordered:
             if state.waiting:
                 continue
             if not state.pending:
                 if state.last_token is not None:
-                    entries.append(_Entry(key, state, [state.last_token], len(state.slot.cached), True, False))
+                    draft = self._guess(state, min(draft_budget, budget)) if state.drafter else []
+                    draft_budget -= len(draft)
+                    budget -= len(draft)
+                    tokens = [state.last_token, *draft]
+                    entries.append(_Entry(key, state, tokens, len(state.slot.cached), True, False, draft))
                 continue
-            if prefill_budget <= 0:
+            if budget <= 0:
                 continue
-            chunk = state.pending[:prefill_budget]
-            prefill_budget -= len(chunk)
+            chunk = state.pending[:budget]
+            budget -= len(chunk)
             entries.append(_Entry(key, state, chunk, len(state.slot.cached), len(chunk) == len(state.pending), True))
         return entries
+
+    def _guess(self, state: _Sequence, budget: int) -> list[int]:
+        """A prompt-lookup guess that fits the batch, the sequence's context and its token budget."""
+        job = state.job
+        room = min(
+            budget,
+            self.context_length - len(state.slot.cached) - 2,
+            job.params.max_tokens - job.completion_tokens - 1,  # tokens past the budget would be thrown away
+        )
+        assert state.drafter is not None
+        return state.drafter.propose(room)
 
     def _decode(self, entries: list[_Entry]) -> bool:
         """Fill the batch with the entries' tokens and decode it; the sequences' state moves on."""
@@ -407,7 +438,8 @@ class LlamaCppChat:
         for entry in entries:
             state = entry.state
             for k, token in enumerate(entry.tokens):
-                self._add(n, token, entry.base + k, state.slot.seq_id, entry.sample and k == len(entry.tokens) - 1)
+                logits = entry.sample and (k == len(entry.tokens) - 1 or bool(entry.draft))
+                self._add(n, token, entry.base + k, state.slot.seq_id, logits)
                 n += 1
             entry.index = n - 1
             state.slot.cached.extend(entry.tokens)
@@ -437,24 +469,64 @@ class LlamaCppChat:
         return StepOutput(entry.state.job, "", -1, True, error=error)
 
     def _sample(self, entries: list[_Entry]) -> list[StepOutput]:
-        lib = self._lib
         outputs: list[StepOutput] = []
         for entry in entries:
             if not entry.sample:
                 continue
-            state = entry.state
-            if state.matcher is None:
-                token = lib.llama_sampler_sample(state.sampler, self._ctx.ctx, entry.index)
+            if entry.draft:
+                self._verify(entry, outputs)
             else:
-                token = self._sample_constrained(state, entry.index)
-            job = state.job
-            if lib.llama_vocab_is_eog(self._vocab, token):
-                outputs.append(StepOutput(job, "", token, True))
-                continue
-            state.last_token = token
-            text = state.decoder.decode(self._piece_bytes(token))
-            outputs.append(StepOutput(job, text, token, False))
+                self._emit(entry.state, self._sample_at(entry.state, entry.index), outputs)
         return outputs
+
+    def _sample_at(self, state: _Sequence, index: int) -> int:
+        if state.matcher is None:
+            return self._lib.llama_sampler_sample(state.sampler, self._ctx.ctx, index)
+        return self._sample_constrained(state, index)
+
+    def _emit(self, state: _Sequence, token: int, outputs: list[StepOutput]) -> bool:
+        """Pass on a sampled token; False when it ends the generation."""
+        job = state.job
+        if self._lib.llama_vocab_is_eog(self._vocab, token):
+            outputs.append(StepOutput(job, "", token, True))
+            return False
+        state.last_token = token
+        if state.drafter is not None:
+            state.drafter.append(token)
+        text = state.decoder.decode(self._piece_bytes(token))
+        outputs.append(StepOutput(job, text, token, False))
+        return True
+
+    def _verify(self, entry: _Entry, outputs: list[StepOutput]) -> None:
+        """Sample each position of a guessed continuation in order, as plain decoding would, and stop at the
+        first sampled token that differs from the guess: it is emitted (drawn from the model's own
+        distribution), the guessed tokens after it are dropped. All guessed right: one more token for free."""
+        state, draft = entry.state, entry.draft
+        first = entry.index - len(draft)
+        accepted = 0
+        for i in range(len(draft) + 1):
+            token = self._sample_at(state, first + i)
+            if not self._emit(state, token, outputs) or i == len(draft) or token != draft[i]:
+                break
+            accepted += 1
+        assert state.drafter is not None
+        state.drafter.verified(len(draft), accepted)
+        self._drafted[0] += len(draft)
+        self._drafted[1] += accepted
+        keep = entry.base + 1 + accepted  # the fed token and the guessed tokens the model agreed with
+        if keep < len(state.slot.cached):
+            self._lib.llama_memory_seq_rm(self._memory, state.slot.seq_id, keep, -1)
+            del state.slot.cached[keep:]
+
+    def draft_totals(self) -> tuple[int, int]:
+        """Guessed tokens verified and kept since the model loaded."""
+        return self._drafted[0], self._drafted[1]
+
+    def draft_stats(self, job: GenerationJob) -> tuple[int, int]:
+        """Guessed tokens proposed for the job and how many of them the model kept."""
+        state = job.state
+        drafter = state.drafter if isinstance(state, _Sequence) else None
+        return (drafter.proposed, drafter.accepted) if drafter else (0, 0)
 
     def reused_tokens(self, job: GenerationJob) -> int:
         """Prompt tokens of the job that were not prefilled (kept in its slot or copied from another)."""

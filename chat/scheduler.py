@@ -229,4 +229,9 @@ class ChatScheduler(OwnerThread):
             log.exception("removing a sequence from %s failed", self.name)
 
     def status(self) -> dict[str, Any]:
-        return {"active": self.active, "queued": self.queued, "parallel": self.model.max_parallel}
+        status: dict[str, Any] = {"active": self.active, "queued": self.queued, "parallel": self.model.max_parallel}
+        totals = getattr(self.model, "draft_totals", None)  # llama.cpp with SPECULATIVE=ngram
+        if totals is not None and totals()[0]:
+            proposed, accepted = totals()
+            status["draft_tokens"] = {"proposed": proposed, "accepted": accepted}
+        return status
