@@ -13,6 +13,7 @@ POST /api/chat, /api/generate    NDJSON by default, one object with `stream: fal
                                  request (0: unload once idle; a non-admin key's 0 is ignored)
 POST /api/embed, /api/embeddings
 GET  /api/tags, /api/ps, /api/version      POST /api/show
+GET  /, HEAD /                   "Ollama is running" (public, like /health)
 
 Model names are ours (tier names, aliases, `tier/model` ids, the router's patterns), with or without
 an Ollama tag (`light:latest`). Errors are Ollama's `{"error": "<message>"}` with the status;
@@ -34,7 +35,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 
 from api import chat as openai_chat
@@ -74,6 +75,13 @@ class OllamaRoute(APIRoute):
 
 
 router = APIRouter(prefix="/api", route_class=OllamaRoute)
+root_router = APIRouter()
+
+
+@root_router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+async def root() -> PlainTextResponse:
+    """Ollama's liveness answer; clients (and Open WebUI's connection check) look for it. Public."""
+    return PlainTextResponse("Ollama is running")
 
 
 # ---------------------------------------------------------------- names and shapes
