@@ -109,7 +109,7 @@ class Tally:
         return {
             "requests": self.requests,
             "errors": self.errors,
-            "requests_per_second": round(self.requests / seconds, 4),
+            "requests_per_second": round(self.requests / seconds, 6),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,

@@ -177,6 +177,8 @@ def test_a_keep_alive_duration_shows_in_ps_and_the_admin_status(sdk: ollama.Clie
     assert 3000 < expires_in(sdk, "light:latest") <= 3601
     status = live.app.state.llm.manager.detailed_status("light")
     assert status["keep_alive"]["forever"] is False and status["keep_alive"]["until"] > time.time() + 3000
+    sdk.generate(model="light", prompt="", keep_alive="2h")  # Ollama's load request honours it too
+    assert 7000 < expires_in(sdk, "light:latest") <= 7201
     sdk.generate(model="light", prompt="hi", keep_alive=-1)
     assert expires_in(sdk, "light:latest") > 365 * 86400  # for ever
     assert [m.model for m in sdk.ps().models] == ["light:latest"]
