@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import math
 import os
 import threading
 import time
@@ -169,6 +170,8 @@ class TierRuntime:
     restarts: Restarts = field(default_factory=Restarts)  # crashes of its worker process, and the backoff
     generation: int = 0  # worker processes started: a late crash report of an older one is ignored
     drained: asyncio.Event | None = None  # once swapped out: set when its last request ends
+    keep_until: float = 0.0  # clock time before which the TTL never unloads it (Ollama's keep_alive; inf: never)
+    release_when_idle: bool = False  # unload once its last request ends (keep_alive 0, the old servers' unload)
 
     @property
     def idle_since(self) -> float:
@@ -247,6 +250,9 @@ class ModelManager:
         out["unload_seconds"] = round(rt.unload_seconds, 3) if rt.unload_seconds else None
         out["last_use"] = time.time() - (self.clock() - rt.last_use) if rt.last_use else None
         out["pin"], out["priority"] = rt.config.pin, rt.config.priority
+        kept = rt.keep_until - self.clock()
+        if kept > 0:  # an Ollama keep_alive holds it
+            out["keep_alive"] = {"forever": kept == math.inf, "until": None if kept == math.inf else time.time() + kept}
         out["source"] = "admin" if tier in self.overrides else "env"
         if tier in self.overrides:
             out["overrides"] = dict(self.overrides[tier])
@@ -480,6 +486,7 @@ class ModelManager:
             rt.in_flight -= 1
             rt.last_use = self.clock()
             self._freed.set()
+            self._release_if_asked(rt)
             if rt.drained is not None and rt.in_flight == 0:
                 rt.drained.set()
 
@@ -531,8 +538,45 @@ class ModelManager:
         return [
             name
             for name, rt in self.tiers.items()
-            if rt.config.ttl > 0 and rt.state == READY and rt.in_flight == 0 and now - rt.idle_since >= rt.config.ttl
+            if rt.config.ttl > 0
+            and rt.state == READY
+            and rt.in_flight == 0
+            and now - rt.idle_since >= rt.config.ttl
+            and now >= rt.keep_until
         ]
+
+    def keep_alive(self, tier: str, seconds: float) -> None:
+        """Ollama's `keep_alive`, told when a request ends: keep the tier loaded at least `seconds` from now
+        (math.inf: for ever; the TTL decides after that), or with 0 unload it once no request holds it.
+        The last request's value replaces the one before, as in Ollama."""
+        rt = self.tiers[tier]
+        rt.keep_until = self.clock() + seconds if seconds > 0 else 0.0
+        rt.release_when_idle = seconds <= 0
+        self._release_if_asked(rt)
+
+    async def release(self, tier: str) -> bool:
+        """Unload the tier now if nothing holds it (True), else once its last request ends (False)."""
+        rt = self.tiers[tier]
+        rt.keep_until = 0.0
+        if rt.in_flight == 0 and rt.state != LOADING:
+            rt.release_when_idle = False
+            await self._unload(rt)
+            return True
+        rt.release_when_idle = True
+        return False
+
+    def _release_if_asked(self, rt: TierRuntime) -> None:
+        if rt.release_when_idle and rt.in_flight == 0 and rt.state == READY:
+            task = asyncio.ensure_future(self._release_idle(rt))  # a lease's end must not wait for it
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _release_idle(self, rt: TierRuntime) -> None:
+        # Checked again here: a request may have taken the tier since the task was made.
+        if rt.release_when_idle and rt.in_flight == 0 and rt.state == READY and self.tiers.get(rt.config.name) is rt:
+            rt.release_when_idle = False
+            log.info("tier %s: unloading now that it is idle, as a request asked", rt.config.name)
+            await self._unload(rt)
 
     async def unload_idle(self) -> list[str]:
         unloaded = []

@@ -30,7 +30,7 @@ def create_app(
 ) -> FastAPI:
     """Build the service for `settings`; `factories` replaces the model loaders (tests use fakes), `limiter`
     the in-process rate limiter (tests drive its clock). A bad API_KEYS_FILE raises `ConfigError`."""
-    from api import admin, audio, chat, dashboard, ollama, rag, responses, sessions
+    from api import admin, audio, chat, dashboard, old_servers, ollama, rag, responses, sessions
     from api.error_handlers import install_error_handlers
     from api.state import AppState
     from middleware import stack
@@ -77,6 +77,7 @@ def create_app(
     install_error_handlers(app)
     stack.install(app, settings, state.activity, state.metrics, keys, limiter)
     # "/api/v1" and "/api/admin" are the replaced servers' prefixes; Ollama's API owns the rest of "/api".
+    app.include_router(old_servers.v1_router)  # before /api/v1/models/{id}, which would take memory/usage
     for prefix in ("/v1", "", "/api/v1"):
         app.include_router(chat.router, prefix=prefix)
         app.include_router(rag.router, prefix=prefix)
@@ -87,6 +88,7 @@ def create_app(
     app.include_router(admin.router)
     app.include_router(admin.router, prefix="/api")
     app.include_router(ollama.router)
+    app.include_router(ollama.root_router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
 

@@ -7,6 +7,7 @@ POST /admin/tiers/{tier}/unload      409 while requests are in flight, unless ?f
                                      cancels them (streams end with an error event)
 GET  /admin/cache, DELETE /admin/cache
 Models at run time (downloads, the local list, swapping a tier's model): api/models_admin.py.
+Loading and unloading by model id: api/old_servers.py. JSON analytics (/admin/metrics/...): api/admin_metrics.py.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from api import models_admin
+from api import admin_metrics, models_admin, old_servers
 from api.state import app_state
 from core.errors import NotFound
 from model_manager import ModelManager
 
 router = APIRouter(prefix="/admin")
 router.include_router(models_admin.router)
+router.include_router(old_servers.admin_router)  # POST /admin/models/{id}/load, /unload
+router.include_router(admin_metrics.router)  # GET /admin/metrics/...
 
 
 def _manager(request: Request) -> ModelManager:

@@ -34,6 +34,7 @@ PROBED = (
     "/metrics",
     "/admin/models",
     "/admin/tiers/{tier}/model",
+    "/admin/metrics/summary",
 )
 PROBED_V1 = ("/v1/chat/completions", "/v1/embeddings", "/v1/rerank")
 

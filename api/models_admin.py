@@ -3,7 +3,8 @@
 POST   /admin/models/download               {repo_id, revision, filename | allow_patterns} -> a job (202)
 GET    /admin/models/downloads              every job; /{id} one job; /{id}/events its progress as SSE
 DELETE /admin/models/downloads/{id}         cancel a queued or running job
-GET    /admin/models                        local models in MODELS_DIR: size, format, backend, used by
+GET    /admin/models                        local models in MODELS_DIR: size, format, backend, used by;
+                                            and `tiers`: each tier's model, loaded or not
 DELETE /admin/models/{name}                 remove one no tier uses
 POST   /admin/tiers/{tier}/model            swap the tier's model: {model_path | download_id, <tier setting>: ...}
 DELETE /admin/tiers/{tier}/model            back to the tier's .env settings
@@ -23,6 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.old_servers import tier_models
 from api.sse import SSE_HEADERS
 from api.state import AppState, app_state
 from config import TIERS, render_value
@@ -113,6 +115,7 @@ async def list_local_models(request: Request) -> dict[str, object]:
         "models_dir": str(models_dir.absolute()),
         "free_bytes": free,
         "data": [model.as_json(local_models.used_by(model, tiers)) for model in found],
+        "tiers": tier_models(state),  # the configured tiers' models, loaded or not (api/old_servers.py)
     }
 
 

@@ -8,9 +8,12 @@ Ollama's NDJSON lines (`done: false` pieces, then one `done: true` line with `do
 `eval_count` and the durations in nanoseconds). Embeddings reuse api/rag.py's `embed_texts`.
 
 POST /api/chat, /api/generate    NDJSON by default, one object with `stream: false`; an empty prompt
-                                 loads the model, `keep_alive: 0` with it unloads (admin keys only)
+                                 loads the model, `keep_alive: 0` with it unloads (admin keys only);
+                                 with a prompt, `keep_alive` keeps the tier loaded that long after the
+                                 request (0: unload once idle; a non-admin key's 0 is ignored)
 POST /api/embed, /api/embeddings
 GET  /api/tags, /api/ps, /api/version      POST /api/show
+GET  /, HEAD /                   "Ollama is running" (public, like /health)
 
 Model names are ours (tier names, aliases, `tier/model` ids, the router's patterns), with or without
 an Ollama tag (`light:latest`). Errors are Ollama's `{"error": "<message>"}` with the status;
@@ -32,7 +35,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 
 from api import chat as openai_chat
@@ -52,6 +55,7 @@ from middleware.keys import SCOPE_KEY, ApiKey
 OLLAMA_VERSION = "0.12.0"  # the Ollama API version these routes follow
 NDJSON = "application/x-ndjson"
 NS = 1_000_000_000
+_FOREVER_S = 10 * 365 * 86400  # "expires_at" of a tier that never unloads
 _QUANT = re.compile(r"(?i)(?:^|[-_.])((?:i?q\d(?:_[a-z0-9]+)*)|f16|f32|bf16)(?:$|[-_.])")
 
 
@@ -71,6 +75,13 @@ class OllamaRoute(APIRoute):
 
 
 router = APIRouter(prefix="/api", route_class=OllamaRoute)
+root_router = APIRouter()
+
+
+@root_router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+async def root() -> PlainTextResponse:
+    """Ollama's liveness answer; clients (and Open WebUI's connection check) look for it. Public."""
+    return PlainTextResponse("Ollama is running")
 
 
 # ---------------------------------------------------------------- names and shapes
@@ -147,8 +158,9 @@ def _ndjson(data: JsonObject) -> bytes:
     return (json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
-async def _lines(turn: Turn, shape: Shape) -> AsyncIterator[bytes]:
-    """The NDJSON body of the turn's one choice; an error after the first line is one `error` line."""
+async def _lines(turn: Turn, shape: Shape, finished: Callable[[], None]) -> AsyncIterator[bytes]:
+    """The NDJSON body of the turn's one choice; an error after the first line is one `error` line.
+    `finished` runs once the turn is closed (keep_alive)."""
     try:
         async for event in turn.choices[0].events():
             note(event, turn)
@@ -165,6 +177,7 @@ async def _lines(turn: Turn, shape: Shape) -> AsyncIterator[bytes]:
                 return
     finally:
         await turn.aclose()
+        finished()
 
 
 # ---------------------------------------------------------------- chat and generate
@@ -179,12 +192,35 @@ async def _generate(
     else:
         turn_request, endpoint = openai_chat.completion_turn_request(openai), "completions"
     resolution, tier = openai_chat.resolve(request, model_name(body.model, "chat", app_state(request).settings))
+    finished = _keep_alive(request, tier.name, body.keep_alive)
     turn = await openai_chat.start(request, tier, endpoint, turn_request)
     headers = openai_chat.response_headers(resolution, turn)
     if body.stream:
-        return StreamingResponse(_lines(turn, shape), media_type=NDJSON, headers=headers)
-    result = (await collect(turn, disconnected(request)))[0]
+        return StreamingResponse(_lines(turn, shape, finished), media_type=NDJSON, headers=headers)
+    try:
+        result = (await collect(turn, disconnected(request)))[0]
+    finally:
+        finished()
     return JSONResponse(shape.line(result.text, result.calls, shape.done(result.done)), headers=headers)
+
+
+def _may_unload(request: Request) -> bool:
+    key: ApiKey | None = request.scope.get(SCOPE_KEY)
+    return key is None or key.admin
+
+
+def _keep_alive(request: Request, tier: str, value: wire.KeepAlive) -> Callable[[], None]:
+    """What to do when the request ends: keep the tier loaded `keep_alive` longer, or with 0 unload it
+    once idle. A non-admin key's 0 is ignored (it would unload a tier other services use); an invalid
+    value is a 400 now, before any work."""
+    seconds = wire.keep_alive_seconds(value)
+    manager = app_state(request).manager
+
+    def finished() -> None:
+        if seconds is not None and tier in manager.tiers and (seconds > 0 or _may_unload(request)):
+            manager.keep_alive(tier, seconds)
+
+    return finished
 
 
 async def _load(request: Request, shape: Shape, body: wire.Generation) -> JSONResponse:
@@ -198,7 +234,9 @@ async def _load(request: Request, shape: Shape, body: wire.Generation) -> JSONRe
         await manager.unload(tier.name, force=False)
         reason = "unload"
     else:
+        finished = _keep_alive(request, tier.name, body.keep_alive)
         await manager.ensure_loaded(tier.name)
+        finished()
         reason = "load"
     return JSONResponse(shape.line("", done={"done_reason": reason}))
 
@@ -225,10 +263,15 @@ async def generate(request: Request) -> Response:
 
 
 async def _embed(
-    request: Request, model: str, texts: list[str], truncate: bool, dimensions: int | None
+    request: Request, model: str, texts: list[str], truncate: bool, dimensions: int | None, keep_alive: wire.KeepAlive
 ) -> tuple[list[Embedded], dict[str, str]]:
-    name = model_name(model, "embedding", app_state(request).settings)
-    return await embed_texts(request, name, texts, ("dense",), truncate, dimensions)
+    settings = app_state(request).settings
+    name = model_name(model, "embedding", settings)
+    finished = _keep_alive(request, routing.resolve(name, "embedding", settings).tier, keep_alive)
+    try:
+        return await embed_texts(request, name, texts, ("dense",), truncate, dimensions)
+    finally:
+        finished()
 
 
 @router.post("/embed")
@@ -236,7 +279,7 @@ async def embed(request: Request) -> JSONResponse:
     started = time.monotonic()
     body = wire.parse(await request.body(), wire.EmbedBody)
     texts = [body.input] if isinstance(body.input, str) else body.input
-    rows, headers = await _embed(request, body.model, texts, body.truncate, body.dimensions)
+    rows, headers = await _embed(request, body.model, texts, body.truncate, body.dimensions, body.keep_alive)
     payload = {
         "model": body.model,
         "embeddings": [row.dense or [] for row in rows],
@@ -251,7 +294,7 @@ async def embed(request: Request) -> JSONResponse:
 async def embeddings(request: Request) -> JSONResponse:
     """The older endpoint: one `prompt`, one `embedding`."""
     body = wire.parse(await request.body(), wire.EmbeddingsBody)
-    rows, headers = await _embed(request, body.model, [body.prompt], True, None)
+    rows, headers = await _embed(request, body.model, [body.prompt], True, None, body.keep_alive)
     return JSONResponse({"embedding": rows[0].dense or []}, headers=headers)
 
 
@@ -303,9 +346,12 @@ async def running(request: Request) -> JSONResponse:
         status = state.manager.status(tier.name)
         if status.get("state") != "ready":
             continue
-        # Ollama's expires_at: when the idle unload would happen; far ahead when the tier never unloads.
+        # Ollama's expires_at: when the idle unload would happen (the TTL, or a later keep_alive deadline);
+        # far ahead when the tier never unloads.
         idle = float(status.get("idle_seconds") or 0.0)
-        expires = time.time() + (tier.ttl - idle if tier.ttl > 0 else 10 * 365 * 86400)
+        kept = state.manager.tiers[tier.name].keep_until - state.manager.clock()
+        left = min(_FOREVER_S, max(tier.ttl - idle, kept)) if tier.ttl > 0 else _FOREVER_S
+        expires = time.time() + left
         card = _card(tier, state.started)
         card.update(
             expires_at=_iso(expires),

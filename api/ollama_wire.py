@@ -10,6 +10,8 @@ num_thread, ...) are ignored, as Ollama ignores options a runner does not know.
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -228,14 +230,35 @@ def generate_request(body: GenerateBody) -> ChatCompletionRequest | CompletionRe
     return validated(ChatCompletionRequest, {**_common(body), "messages": messages}, _OLLAMA_PARAM)
 
 
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: KeepAlive) -> float | None:
+    """Ollama's `keep_alive` in seconds: a number of seconds, or a Go duration ("5m", "1h30m", "300ms");
+    negative means for ever (math.inf); None (or "") when not given. Anything else is a 400."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        sign, text = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.removeprefix("+"))
+        try:
+            seconds = sign * float(text)
+        except ValueError:
+            parts = _DURATION_PART.findall(text)
+            if not parts or "".join(number + unit for number, unit in parts) != text:
+                raise InvalidRequest(
+                    f"keep_alive {value!r} is not a duration: give seconds (300) or a duration ('5m', '1h', '-1')",
+                    param="keep_alive",
+                ) from None
+            seconds = sign * sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+    if math.isnan(seconds):
+        raise InvalidRequest("keep_alive is not a number", param="keep_alive")
+    return math.inf if seconds < 0 else seconds
+
+
 def keep_alive_is_zero(value: KeepAlive) -> bool:
     """`keep_alive: 0` ("0", "0s", "0m") with no prompt is how Ollama clients unload a model."""
-    if isinstance(value, int | float):
-        return value == 0
-    if isinstance(value, str):
-        text = value.strip().lower().rstrip("smh")
-        try:
-            return float(text) == 0
-        except ValueError:
-            return False
-    return False
+    return keep_alive_seconds(value) == 0

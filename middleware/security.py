@@ -25,9 +25,10 @@ from middleware import request_context
 from middleware.envelope import error_response, send_error
 from middleware.keys import SCOPE_KEY, ApiKey, KeyStore
 
-# Paths served without a key: the health probe, and the dashboard's static page (a browser cannot
-# attach a bearer header to a navigation; the page itself asks for the key and sends it on every call).
-PUBLIC_PATHS = frozenset({"/health", "/api/v1/health", "/admin"})
+# Paths served without a key: the health probes (with Ollama's "/", which answers "Ollama is running"),
+# and the dashboard's static page (a browser cannot attach a bearer header to a navigation; the page
+# itself asks for the key and sends it on every call).
+PUBLIC_PATHS = frozenset({"/", "/health", "/api/v1/health", "/admin"})
 # Paths that need a key with `admin = true` (API_KEYS keys are admins): the admin API under both of
 # its prefixes, and the metrics, which show every key's usage.
 ADMIN_PREFIXES = ("/admin/", "/api/admin/")

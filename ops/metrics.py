@@ -6,6 +6,7 @@ so it is never stale. The response cache reports through `Metrics.cache_hit` / `
 through `request_context.note_cache` / the `X-Cache` header, which the middleware counts. A request
 with an API key is also counted under the key's name (`llmservice_key_*`): never the secret. Each Redis
 use (cache, rate limits, sessions) reports its state and counters at scrape time (`llmservice_redis_*`).
+`observe_request` also feeds the admin API's JSON analytics (ops/analytics.py): one call, one count.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from middleware.request_info import RequestInfo
+from ops.analytics import Analytics, Sample, counts_as_api
 
 if TYPE_CHECKING:
     from model_manager import ModelManager
@@ -43,6 +45,7 @@ RedisStatus = Callable[[], Mapping[str, Mapping[str, object]]]
 
 class Metrics:
     def __init__(self, manager: ModelManager | None = None, redis: RedisStatus | None = None) -> None:
+        self.analytics = Analytics()  # the admin API's JSON windows, fed by observe_request below
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         labels = ["tier", "endpoint", "status"]
@@ -113,6 +116,9 @@ class Metrics:
             self.cache_miss(tier, endpoint, info.cache_misses)
         if info.key_name:
             self._observe_key(info.key_name, status, duration, info)
+        if counts_as_api(endpoint):
+            sample = Sample(status, duration, info.prompt_tokens, info.completion_tokens, info.compute_seconds)
+            self.analytics.record(tier, info.key_name, sample)
 
     def _observe_key(self, key: str, status: int, duration: float, info: RequestInfo) -> None:
         self.key_requests.labels(key, str(status)).inc()
