@@ -139,6 +139,8 @@ def response_headers(resolution: routing.Resolution, turn: Turn) -> dict[str, st
         headers["X-Tier-Fallback"] = f"{resolution.fallback_from}->{resolution.tier}"
     if turn.cache_status is not None:
         headers["X-Cache"] = turn.cache_status
+    if turn.upstream:
+        headers["X-Upstream"] = turn.upstream
     return headers
 
 
@@ -185,7 +187,12 @@ def chat_choice(index: int, result: ChoiceResult) -> JsonObject:
         message: JsonObject = {"role": "assistant", "content": None, "tool_calls": calls}  # type: ignore[dict-item]
     else:
         message = {"role": "assistant", "content": result.text}
-    return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason(result.done)}
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": result.logprobs,
+        "finish_reason": finish_reason(result.done),
+    }
 
 
 def _chat_chunk_maker(body: ChatCompletionRequest) -> ChunkMaker:
@@ -238,7 +245,7 @@ def _completion_choice(body: CompletionRequest, index: int, result: ChoiceResult
         if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
             prompt_text = body.prompt[index // body.n]  # type: ignore[assignment]
         text = (prompt_text or "") + text
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason(result.done)}
+    return {"index": index, "text": text, "logprobs": result.logprobs, "finish_reason": finish_reason(result.done)}
 
 
 # ---------------------------------------------------------------- models

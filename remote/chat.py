@@ -27,10 +27,11 @@ from concurrent.futures import Future
 import httpx
 
 from config import Settings, TierConfig
-from core.errors import ModelUnavailable, RequestCancelled, ServiceError, ShuttingDown
+from core.errors import ModelUnavailable, Overloaded, RequestCancelled, ServiceError, ShuttingDown
 from core.turns import JsonObject, JsonValue, Turn, TurnRequest
 from remote import faults
-from remote.pool import Pool, Upstream, UpstreamUnavailable, describe
+from remote.health import HealthProber
+from remote.pool import Attempt, Pool, Upstream, UpstreamUnavailable, describe
 from remote.stream import Exchange, RemoteChoice
 
 log = logging.getLogger("llmservice.remote")
@@ -91,9 +92,7 @@ class RemoteChat:
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self.config = config
-        self.pool = Pool(
-            config.upstream_urls, config.breaker_failures, config.breaker_cooldown, clock, config.lb_policy
-        )
+        self.pool = Pool.for_tier(config, clock)
         self.client = client or client_for(config)
         auth = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self.headers = {"Content-Type": "application/json", **auth}
@@ -106,6 +105,10 @@ class RemoteChat:
         self._exchanges: set[Exchange] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
+        self.waiting = 0  # requests waiting for an upstream under its in-flight cap
+        self._room = asyncio.Event()  # set when an attempt settles: a capped upstream may have room
+        self.pool.on_release(self._room.set)  # chat attempts settle on the event loop
+        self.prober = start_prober(self.pool, config, self.headers, lambda: self.model)
 
     async def start_turn(self, request: TurnRequest) -> Turn:
         if self.closing:
@@ -114,7 +117,7 @@ class RemoteChat:
         body = json.dumps(upstream_body(request, await self._model_name()), ensure_ascii=False).encode()
         exchange = await self._open(PATHS[request.kind], body, request)
         choices = [RemoteChoice(exchange, state) for state in exchange.states]
-        turn = Turn(choices, prompt_tokens=exchange.prompt_tokens, native_tools=True)
+        turn = Turn(choices, exchange.prompt_tokens, native_tools=True, upstream=exchange.attempt.upstream.label)
         exchange.turn = turn
         turn.closers.append(exchange.aclose)
         return turn
@@ -127,6 +130,8 @@ class RemoteChat:
             if self.closing:
                 raise RequestCancelled(STOPPED)
             attempt = self.pool.pick(tried, session_key(request))
+            if attempt is None and self.pool.saturated(tried):
+                attempt = await self._wait_for_room(tried, session_key(request))
             if attempt is None:
                 break
             tried.append(attempt.upstream)
@@ -150,6 +155,33 @@ class RemoteChat:
             f"No upstream of the {self.config.name} tier could answer: {describe(errors)}",
             retry_after=self.pool.retry_after(),
         )
+
+    async def _wait_for_room(self, tried: list[Upstream], key: str | None) -> Attempt | None:
+        """Every upstream left is at `UPSTREAM_MAX_IN_FLIGHT`: wait for room as a local tier's queue
+        does, `MAX_QUEUE` requests at most, each `QUEUE_TIMEOUT` seconds at most; else 503."""
+        config = self.config
+        if self.waiting >= config.max_queue:
+            raise Overloaded(
+                f"The {config.name} tier's upstreams are all at their in-flight cap and "
+                f"{config.max_queue} requests are waiting already",
+                retry_after=max(1, int(config.queue_timeout) or 5),
+            )
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(config.queue_timeout):
+                while True:
+                    self._room.clear()
+                    attempt = self.pool.pick(tried, key)
+                    if attempt is not None or not self.pool.saturated(tried):
+                        return attempt
+                    await self._room.wait()
+        except TimeoutError:
+            raise Overloaded(
+                f"No upstream of the {config.name} tier had room within {config.queue_timeout:g}s",
+                retry_after=max(1, int(config.queue_timeout) or 5),
+            ) from None
+        finally:
+            self.waiting -= 1
 
     def _url(self, upstream: Upstream, path: str) -> httpx.URL:
         url = self._urls.get((upstream.url, path))
@@ -188,14 +220,17 @@ class RemoteChat:
     def status(self) -> Mapping[str, JsonValue]:
         return {
             "active": self.pool.in_flight,
-            "queued": 0,
+            "queued": self.waiting,
             "upstream_model": self.model,
+            "pool": "degraded" if self.pool.degraded() else "ok",
             "upstreams": self.pool.status(),
         }
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Called off the event loop (the manager's unload): end every open stream, close the client."""
         self.closing = True
+        if self.prober is not None:
+            self.prober.stop()
         loop = self._loop
         if loop is None or loop.is_closed():
             return
@@ -215,6 +250,17 @@ class RemoteChat:
         for exchange in list(self._exchanges):
             await exchange.stop(RequestCancelled(STOPPED))
         await self.client.aclose()
+
+
+def start_prober(
+    pool: Pool, config: TierConfig, headers: Mapping[str, str], model: Callable[[], str | None]
+) -> HealthProber | None:
+    """The pool's active health probes, when `UPSTREAM_HEALTH_INTERVAL` asks for them."""
+    if config.upstream_health_interval <= 0:
+        return None
+    auth = {k: v for k, v in headers.items() if k == "Authorization"}
+    prober = HealthProber(pool, config.upstream_health_interval, config.upstream_health_path, auth, model, config.name)
+    return prober.start()
 
 
 def _model_ids(response: httpx.Response) -> list[str]:
