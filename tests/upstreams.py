@@ -39,6 +39,8 @@ class StandIn:
     paths: list[str] = field(default_factory=list)
     models: tuple[str, ...] = ("upstream-model",)
     held: int = 0  # requests waiting on the gate now
+    health: int | None = None  # GET /health answers this status (None: no such route, 404)
+    health_probes: int = 0
 
     def reply(self, body: dict[str, Any]) -> str:
         if "messages" in body:
@@ -76,6 +78,11 @@ def build(stand_in: StandIn) -> FastAPI:
             headers = {"Retry-After": stand_in.retry_after} if stand_in.retry_after else {}
             return body, JSONResponse(error, status_code=stand_in.status, headers=headers)
         return body, None
+
+    @app.get("/health")
+    async def health() -> Response:
+        stand_in.health_probes += 1
+        return JSONResponse({"status": "ok"}, status_code=stand_in.health or 404)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -147,8 +154,11 @@ def _overlap(query: str, document: str) -> float:
     return len(words & set(document.lower().split())) / max(1, len(words))
 
 
-def _chunk(content: dict[str, Any] | None, finish: str | None = None) -> dict[str, Any]:
-    choice = {"index": 0, "delta": content or {}, "finish_reason": finish}
+def _chunk(content: dict[str, Any] | None, finish: str | None = None, logprobs: bool = False) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "delta": content or {}, "finish_reason": finish}
+    text = (content or {}).get("content")
+    if logprobs and text:  # OpenAI's shape: one entry per token (here, per piece)
+        choice["logprobs"] = {"content": [{"token": text, "logprob": -0.5, "bytes": None, "top_logprobs": []}]}
     return {"id": "chatcmpl-up", "object": "chat.completion.chunk", "model": "upstream-model", "choices": [choice]}
 
 
@@ -177,12 +187,13 @@ async def _chat_stream(stand_in: StandIn, body: dict[str, Any]) -> AsyncIterator
         yield _sse(_chunk(None, "tool_calls"))
     else:
         pieces = _pieces(stand_in.reply(body)) or [""]
-        async for data in _faults(stand_in, _sse(_chunk({"content": pieces[0]}))):
+        logprobs = bool(body.get("logprobs"))
+        async for data in _faults(stand_in, _sse(_chunk({"content": pieces[0]}, logprobs=logprobs))):
             yield data
         if stand_in.error_event_first:
             return
         for piece in pieces[1:]:
-            yield _sse(_chunk({"content": piece}))
+            yield _sse(_chunk({"content": piece}, logprobs=logprobs))
         yield _sse(_chunk(None, "stop"))
     usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
     yield _sse({"id": "chatcmpl-up", "object": "chat.completion.chunk", "choices": [], "usage": usage})
@@ -193,9 +204,10 @@ async def _completion_stream(stand_in: StandIn, body: dict[str, Any]) -> AsyncIt
     n = int(body.get("n", 1))
     for index in range(n):
         for piece in _pieces(stand_in.reply(body)):
-            yield _sse(
-                {"object": "text_completion", "choices": [{"index": index, "text": piece, "finish_reason": None}]}
-            )
+            choice: dict[str, Any] = {"index": index, "text": piece, "finish_reason": None}
+            if body.get("logprobs") is not None:
+                choice["logprobs"] = {"tokens": [piece], "token_logprobs": [-0.25], "top_logprobs": [None]}
+            yield _sse({"object": "text_completion", "choices": [choice]})
         yield _sse({"object": "text_completion", "choices": [{"index": index, "text": "", "finish_reason": "length"}]})
     yield _sse({"object": "text_completion", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 6}})
     yield b"data: [DONE]\n\n"
