@@ -39,6 +39,8 @@ class StandIn:
     paths: list[str] = field(default_factory=list)
     models: tuple[str, ...] = ("upstream-model",)
     held: int = 0  # requests waiting on the gate now
+    pace_tokens: int = 0  # > 0: chat streams this many one-word chunks instead (bench/bench_remote.py) ...
+    pace_s: float = 0.0  # ... one every `pace_s` seconds, as a GPU server generates
     health: int | None = None  # GET /health answers this status (None: no such route, 404)
     health_probes: int = 0
 
@@ -185,6 +187,11 @@ async def _chat_stream(stand_in: StandIn, body: dict[str, Any]) -> AsyncIterator
         for part in ('{"city": ', '"Paris"}'):
             yield _sse(_chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
         yield _sse(_chunk(None, "tool_calls"))
+    elif stand_in.pace_tokens:
+        for _ in range(stand_in.pace_tokens):
+            await asyncio.sleep(stand_in.pace_s)
+            yield _sse(_chunk({"content": "tok "}))
+        yield _sse(_chunk(None, "length"))
     else:
         pieces = _pieces(stand_in.reply(body)) or [""]
         logprobs = bool(body.get("logprobs"))
