@@ -64,7 +64,8 @@ async def lookup(
 
 def _wants_logprobs(request: TurnRequest) -> bool:
     """An entry keeps text only: an answer with an upstream's logprobs could not be replayed whole."""
-    return bool(request.wire.get("logprobs") or request.wire.get("top_logprobs"))
+    asked = request.wire.get("logprobs")  # chat: true; completions: a count, 0 included
+    return (asked is not None and asked is not False) or bool(request.wire.get("top_logprobs"))
 
 
 def _well_formed(value: object) -> bool:

@@ -107,7 +107,7 @@ class RemoteChat:
         self.closing = False
         self.waiting = 0  # requests waiting for an upstream under its in-flight cap
         self._room = asyncio.Event()  # set when an attempt settles: a capped upstream may have room
-        self.pool.on_release(self._room.set)  # chat attempts settle on the event loop
+        self.pool.on_release(self._released)
         self.prober = start_prober(self.pool, config, self.headers, lambda: self.model)
 
     async def start_turn(self, request: TurnRequest) -> Turn:
@@ -155,6 +155,20 @@ class RemoteChat:
             f"No upstream of the {self.config.name} tier could answer: {describe(errors)}",
             retry_after=self.pool.retry_after(),
         )
+
+    def _released(self) -> None:
+        """An attempt settled (on the loop) or a probe found an upstream healthy (on its thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._room.set()
+        else:
+            loop.call_soon_threadsafe(self._room.set)
 
     async def _wait_for_room(self, tried: list[Upstream], key: str | None) -> Attempt | None:
         """Every upstream left is at `UPSTREAM_MAX_IN_FLIGHT`: wait for room as a local tier's queue

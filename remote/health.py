@@ -31,7 +31,7 @@ def health_url(upstream: Upstream, path: str) -> str:
 
 
 def verdict(response: httpx.Response, model: str | None) -> str:
-    """ "" when healthy, else why not."""
+    """Why the answer says the upstream is unhealthy; empty when it is healthy."""
     if response.status_code >= 500:
         return f"health route answered {response.status_code}"
     if response.status_code != 200:
@@ -88,12 +88,15 @@ class HealthProber:
         self.probes += 1
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self.probe_all()
-            self._stop.wait(self.interval)
+        try:
+            while not self._stop.is_set():
+                self.probe_all()
+                self._stop.wait(self.interval)
+        finally:
+            self.client.close()  # here, not in `stop`: a probe in progress must not meet a closed client
 
     def stop(self) -> None:
+        """Ends the probes (a probe in progress finishes first, within its timeout); never blocks."""
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(PROBE_TIMEOUT_S + 1)
-        self.client.close()
+        if not self._thread.is_alive():
+            self.client.close()

@@ -61,6 +61,10 @@ def test_an_answer_with_logprobs_is_not_cached(upstream: StartUpstream, front: F
         assert response.json()["choices"][0]["logprobs"] is not None
         assert "x-cache" not in response.headers  # a replay could not bring the logprobs back
     assert len(gpu.requests) == 2
+    completion = {"model": "medium", "prompt": "SAY:abc", "temperature": 0, "logprobs": 0}  # 0: still asked
+    for _ in range(2):
+        assert "x-cache" not in client.post("/v1/completions", json=completion).headers
+    assert len(gpu.requests) == 4
 
 
 def test_fields_our_schema_does_not_know_reach_the_upstream(upstream: StartUpstream, front: Front) -> None:
