@@ -175,6 +175,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         "choices": [chat_choice(i, result) for i, result in enumerate(results)],
         "usage": usage_of(turn, results),
     }
+    # Headers again: a whole answer may have moved to another upstream (X-Upstream) while it was read.
+    headers = response_headers(resolution, turn) | session_headers
     return JSONResponse(payload, headers={**headers, **timing_headers(turn, results)})
 
 
@@ -235,6 +237,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         "choices": [_completion_choice(body, i, result) for i, result in enumerate(results)],
         "usage": usage_of(turn, results),
     }
+    headers = response_headers(resolution, turn)  # the upstream may have changed while it was read
     return JSONResponse(payload, headers={**headers, **timing_headers(turn, results)})
 
 

@@ -6,8 +6,9 @@ upstream's first event is in: our response headers wait for it, so until then a 
 5xx, 429, 408, no first event within `FIRST_BYTE_TIMEOUT`, a stream that ends or errors first) moves
 the request to another upstream, at most `1 + RETRIES` attempts. After that, events pass through as
 they arrive; an upstream that dies or stays silent longer than `STREAM_IDLE_TIMEOUT` ends each open
-choice with one error event (the route then sends no `[DONE]`). Any other upstream error (400, 404,
-...) is the upstream's verdict on the request and goes back to the client as it is.
+choice with one error event (the route then sends no `[DONE]`). A non-streamed request's answer is
+read whole first (remote/whole.py), so such a failure still fails over. Any other upstream error
+(400, 404, ...) is the upstream's verdict on the request and goes back to the client as it is.
 
 Tools, `response_format`, `logprobs` and the upstream's sampling defaults are the upstream's business:
 the turn says `native_tools`, so no local tool shaping happens, and streamed tool-call deltas are
@@ -28,11 +29,12 @@ import httpx
 
 from config import Settings, TierConfig
 from core.errors import ModelUnavailable, Overloaded, RequestCancelled, ServiceError, ShuttingDown
-from core.turns import JsonObject, JsonValue, Turn, TurnRequest
+from core.turns import Choice, JsonObject, JsonValue, Turn, TurnRequest
 from remote import faults
 from remote.health import HealthProber
 from remote.pool import Attempt, Pool, Upstream, UpstreamUnavailable, describe
 from remote.stream import Exchange, RemoteChoice
+from remote.whole import Tries, WholeAnswer
 
 log = logging.getLogger("llmservice.remote")
 
@@ -115,18 +117,27 @@ class RemoteChat:
             raise ShuttingDown(f"The {self.config.name} tier is shutting down", retry_after=5)
         self._loop = asyncio.get_running_loop()
         body = json.dumps(upstream_body(request, await self._model_name()), ensure_ascii=False).encode()
-        exchange = await self._open(PATHS[request.kind], body, request)
-        choices = [RemoteChoice(exchange, state) for state in exchange.states]
-        turn = Turn(choices, exchange.prompt_tokens, native_tools=True, upstream=exchange.attempt.upstream.label)
+        tries = Tries(1 + self.config.retries)
+        exchange = await self._open(PATHS[request.kind], body, request, tries)
+        label = exchange.attempt.upstream.label
+        if not request.stream:  # nothing reaches our client before the whole answer: a fault until then fails over
+            whole = WholeAnswer(exchange, lambda: self._open(PATHS[request.kind], body, request, tries))
+            turn = Turn(whole.choices(), exchange.prompt_tokens, native_tools=True, upstream=label)
+            whole.turn = turn
+            turn.closers.append(whole.aclose)
+        else:
+            choices: list[Choice] = [RemoteChoice(exchange, state) for state in exchange.states]
+            turn = Turn(choices, exchange.prompt_tokens, native_tools=True, upstream=label)
+            turn.closers.append(exchange.aclose)
         exchange.turn = turn
-        turn.closers.append(exchange.aclose)
         return turn
 
-    async def _open(self, path: str, body: bytes, request: TurnRequest) -> Exchange:
-        """The first attempt that yields an event; faults before it move on to another upstream."""
-        tried: list[Upstream] = []
-        errors: list[str] = []
-        for _ in range(1 + self.config.retries):
+    async def _open(self, path: str, body: bytes, request: TurnRequest, tries: Tries) -> Exchange:
+        """The first attempt that yields an event; faults before it move on to another upstream (each
+        upstream once per request, `tries` attempts in all, shared with a whole answer's retries)."""
+        tried, errors = tries.tried, tries.errors
+        while tries.left > 0:
+            tries.left -= 1
             if self.closing:
                 raise RequestCancelled(STOPPED)
             attempt = self.pool.pick(tried, session_key(request))

@@ -133,6 +133,7 @@ class Attempt:
         self.pool, self.upstream, self.probe = pool, upstream, probe
         self.started = started
         self.finished = False
+        self.outcome: Outcome | None = None  # how it was settled
 
     def finish(self, outcome: Outcome, error: str = "", retry_after: float | None = None) -> None:
         self.pool._settle(self, outcome, error, retry_after)
@@ -249,7 +250,7 @@ class Pool:
         with self._lock:
             if attempt.finished:
                 return
-            attempt.finished = True
+            attempt.finished, attempt.outcome = True, outcome
             upstream, now = attempt.upstream, self.clock()
             upstream.in_flight -= 1
             upstream.observe(max(0.0, now - attempt.started))

@@ -95,6 +95,35 @@ def test_a_local_tier_ignores_unknown_fields(client: Any) -> None:
     assert "x-upstream" not in response.headers
 
 
+# ---------------------------------------------------------------- a whole answer fails over until it is complete
+
+
+@pytest.mark.parametrize("fault", ["die_after_first", "stall_after_first", "error_after_first"])
+def test_a_whole_answer_that_breaks_midway_moves_to_another_upstream(
+    upstream: StartUpstream, front: Front, fault: str
+) -> None:
+    broken, broken_url = upstream("broken")
+    spare, spare_url = upstream("spare")
+    setattr(broken, fault, True)
+    client = front([broken_url, spare_url], MEDIUM_STREAM_IDLE_TIMEOUT="0.5")
+    response = chat(client, "SAY:abcdef")  # our client has no byte until the answer is whole
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "abcdef"  # the spare's, not "ab" + the rest
+    assert response.headers["x-upstream"] == spare_url
+    assert len(broken.requests) == 1 and len(spare.requests) == 1
+    broken_status = pool_status(client)[0]
+    assert broken_status["failures"] == 1 and broken_status["in_flight"] == 0
+
+
+def test_a_stream_that_breaks_midway_is_not_retried(upstream: StartUpstream, front: Front) -> None:
+    broken, broken_url = upstream("broken")
+    spare, spare_url = upstream("spare")
+    broken.die_after_first = True
+    events = sse_events(chat(front([broken_url, spare_url]), "SAY:abcdef", stream=True))
+    assert "[DONE]" not in events and events[-1]["error"]["code"] == "upstream_error"
+    assert spare.requests == []  # our client had bytes already
+
+
 # ---------------------------------------------------------------- visible
 
 

@@ -33,6 +33,7 @@ class StandIn:
     stall_before_first: bool = False  # 200 and a role chunk, then nothing
     stall_after_first: bool = False  # one piece, then nothing
     die_after_first: bool = False  # one piece, then the connection drops
+    error_after_first: bool = False  # one piece, then an error event
     error_event_first: bool = False  # an error event before any piece
     gate: threading.Event | None = None  # when set by a test, answers wait for it
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -176,6 +177,9 @@ async def _faults(stand_in: StandIn, first: bytes) -> AsyncIterator[bytes]:
         await asyncio.sleep(STALL_S)
     if stand_in.die_after_first:
         raise RuntimeError("the upstream died mid-stream")  # uvicorn drops the connection mid-body
+    if stand_in.error_after_first:
+        yield _sse({"error": {"message": "the upstream ran out of memory", "type": "server_error", "code": "oom"}})
+        await asyncio.sleep(STALL_S)  # and says nothing more: the error event is what counts
 
 
 async def _chat_stream(stand_in: StandIn, body: dict[str, Any]) -> AsyncIterator[bytes]:
