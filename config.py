@@ -167,7 +167,7 @@ TIER_KEYS: tuple[TierKey, ...] = (
     TierKey("priority", "int", 0, "under MAX_MEMORY_GB, idle tiers of lower priority unload first", cache_key=False),
     TierKey("base_url", "str", "", "one remote upstream (a pool of one; see upstreams)", cache_key=True),
     TierKey("api_key", "str", "", "bearer key for the remote upstreams", cache_key=False),
-    TierKey("upstreams", "list", (), "remote upstream base URLs, comma-separated: a pool", cache_key=True),
+    TierKey("upstreams", "list", (), "remote upstream base URLs, comma-separated (url|2: weight 2)", cache_key=True),
     TierKey("spillover_upstreams", "list", (), "a local chat tier's overflow pool (full queue)", cache_key=False),
     TierKey("upstream_model", "str", "", "model name sent upstream; empty = the upstream's only one", cache_key=True),
     TierKey("upstream_api", "lower", "openai", "embedding/rerank upstream wire: openai | tei", cache_key=False),
@@ -177,6 +177,13 @@ TIER_KEYS: tuple[TierKey, ...] = (
     TierKey("stream_idle_timeout", "float", 60.0, "seconds a stream may stay silent", minimum=0.01, cache_key=False),
     TierKey("breaker_failures", "int", 3, "consecutive faults that open a breaker", minimum=1, cache_key=False),
     TierKey("breaker_cooldown", "float", 5.0, "seconds to a half-open probe (doubles)", minimum=0.0, cache_key=False),
+    TierKey(
+        "upstream_max_in_flight", "int", 0, "requests in flight per upstream; 0 = no cap", minimum=0, cache_key=False
+    ),
+    TierKey(
+        "upstream_health_interval", "float", 0.0, "seconds between health probes; 0 = off", minimum=0.0, cache_key=False
+    ),
+    TierKey("upstream_health_path", "str", "/health", "upstream health route, beside its /v1", cache_key=False),
     TierKey("chat_format", "lower", "", "a built-in template (gemma, chatml, llama3, ...)", cache_key=True),
     TierKey("chat_template", "str", "", "a Jinja template, inline or a file path", cache_key=True),
     TierKey("max_documents", "int", 1000, "documents per rerank request", minimum=1, cache_key=False),
@@ -298,6 +305,9 @@ class TierConfig:
     stream_idle_timeout: float = _tier_default("stream_idle_timeout")
     breaker_failures: int = _tier_default("breaker_failures")
     breaker_cooldown: float = _tier_default("breaker_cooldown")
+    upstream_max_in_flight: int = _tier_default("upstream_max_in_flight")
+    upstream_health_interval: float = _tier_default("upstream_health_interval")
+    upstream_health_path: str = _tier_default("upstream_health_path")
     chat_format: str = _tier_default("chat_format")
     chat_template: str = _tier_default("chat_template")
     max_documents: int = _tier_default("max_documents")
@@ -553,6 +563,7 @@ def _check_upstreams(config: TierConfig) -> None:
         for url in values:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"{name} has value {url!r}: an upstream is an http(s):// URL")
+            _check_weight(name, url)
             if config.backend != "remote":
                 raise ConfigError(
                     f"{name} has value {url!r} but the {config.name} tier's backend is {config.backend!r} "
@@ -561,6 +572,7 @@ def _check_upstreams(config: TierConfig) -> None:
     for url in config.spillover_upstreams:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"{prefix}_SPILLOVER_UPSTREAMS has value {url!r}: an upstream is an http(s):// URL")
+        _check_weight(f"{prefix}_SPILLOVER_UPSTREAMS", url)
         if config.kind != "chat" or config.backend == "remote":
             raise ConfigError(
                 f"{prefix}_SPILLOVER_UPSTREAMS has value {url!r}: spill-over is for local chat tiers "
@@ -575,6 +587,19 @@ def _check_upstreams(config: TierConfig) -> None:
         raise ConfigError(f"{prefix}_LB_POLICY has value {config.lb_policy!r}: use {', '.join(LB_POLICIES)}")
     if config.upstream_api not in ("openai", "tei"):
         raise ConfigError(f"{prefix}_UPSTREAM_API has value {config.upstream_api!r}: use openai or tei")
+
+
+def _check_weight(name: str, entry: str) -> None:
+    """An upstream's optional weight: `http://gpu1:8000/v1|2` (a positive number after the last `|`)."""
+    _, bar, weight = entry.rpartition("|")
+    if not bar:
+        return
+    try:
+        value = float(weight)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{name} has value {entry!r}: the weight after '|' must be a positive number")
 
 
 def _check_isolation(config: TierConfig) -> None:

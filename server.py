@@ -94,7 +94,9 @@ def create_app(
 
     async def health(request: Request) -> dict[str, Any]:
         tiers = {name: manager.status(name) for name in manager.tiers}
-        status = "degraded" if any(t["state"] == "failed" for t in tiers.values()) else "ok"
+        # A remote tier whose every upstream is out (breakers open) is degraded too, as a failed tier is.
+        degraded = any(t["state"] == "failed" or t.get("pool") == "degraded" for t in tiers.values())
+        status = "degraded" if degraded else "ok"
         if settings.keys_configured and not is_authenticated(request.scope):
             return {"status": status}  # liveness only: model names and failure reasons need a key
         body: dict[str, Any] = {"status": status, "uptime_seconds": round(time.time() - state.started, 1)}

@@ -139,6 +139,8 @@ def response_headers(resolution: routing.Resolution, turn: Turn) -> dict[str, st
         headers["X-Tier-Fallback"] = f"{resolution.fallback_from}->{resolution.tier}"
     if turn.cache_status is not None:
         headers["X-Cache"] = turn.cache_status
+    if turn.upstream:
+        headers["X-Upstream"] = turn.upstream
     return headers
 
 
@@ -173,6 +175,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         "choices": [chat_choice(i, result) for i, result in enumerate(results)],
         "usage": usage_of(turn, results),
     }
+    # Headers again: a whole answer may have moved to another upstream (X-Upstream) while it was read.
+    headers = response_headers(resolution, turn) | session_headers
     return JSONResponse(payload, headers={**headers, **timing_headers(turn, results)})
 
 
@@ -185,7 +189,12 @@ def chat_choice(index: int, result: ChoiceResult) -> JsonObject:
         message: JsonObject = {"role": "assistant", "content": None, "tool_calls": calls}  # type: ignore[dict-item]
     else:
         message = {"role": "assistant", "content": result.text}
-    return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason(result.done)}
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": result.logprobs,
+        "finish_reason": finish_reason(result.done),
+    }
 
 
 def _chat_chunk_maker(body: ChatCompletionRequest) -> ChunkMaker:
@@ -228,6 +237,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         "choices": [_completion_choice(body, i, result) for i, result in enumerate(results)],
         "usage": usage_of(turn, results),
     }
+    headers = response_headers(resolution, turn)  # the upstream may have changed while it was read
     return JSONResponse(payload, headers={**headers, **timing_headers(turn, results)})
 
 
@@ -238,7 +248,7 @@ def _completion_choice(body: CompletionRequest, index: int, result: ChoiceResult
         if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
             prompt_text = body.prompt[index // body.n]  # type: ignore[assignment]
         text = (prompt_text or "") + text
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason(result.done)}
+    return {"index": index, "text": text, "logprobs": result.logprobs, "finish_reason": finish_reason(result.done)}
 
 
 # ---------------------------------------------------------------- models

@@ -1,6 +1,7 @@
 """Pydantic v2 wire models for the OpenAI-compatible endpoints, with bounds on every field.
 
-Unknown fields are ignored (clients send vendor extras); known fields are validated strictly and a
+Unknown fields are ignored (clients send vendor extras), except on chat and text completions, which
+keep them for remote tiers' upstreams; known fields are validated strictly and a
 violation becomes a 400 in the OpenAI envelope (see api/error_handlers.py). Before any field, every
 request body is walked once (`check_json`): a string anywhere in it holding a lone UTF-16 surrogate
 (JSON's "\\ud800" escape decodes to one) or nesting deeper than `MAX_JSON_DEPTH` is refused, since
@@ -172,7 +173,13 @@ Stop = str | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_LENGTH)]], 
 
 
 class _SamplingFields(_Request):
-    """Fields shared by chat and text completions; None means the tier's default."""
+    """Fields shared by chat and text completions; None means the tier's default.
+
+    Fields we do not know are kept (`model_extra`) rather than dropped: a remote tier passes them to
+    its upstream (vLLM's `guided_json`, `min_tokens`, ...), a local tier ignores them, and the cache
+    keys them like any other field (chat/recording.py keys the whole dump)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     model: ModelName
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)

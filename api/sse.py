@@ -36,6 +36,7 @@ class ChunkMaker(Protocol):
         finish: str | None = None,
         delta: JsonObject | None = None,
         usage: JsonObject | None = None,
+        logprobs: JsonObject | None = None,
     ) -> JsonObject: ...
 
 
@@ -54,13 +55,17 @@ def chunk_maker(
         finish: str | None = None,
         delta: JsonObject | None = None,
         usage: JsonObject | None = None,
+        logprobs: JsonObject | None = None,
     ) -> JsonObject:
         chunk: JsonObject = {"id": completion_id, "object": object_name, "created": created, "model": model}
         if usage is not None:
             chunk["choices"] = []
         else:
             args = {"role": role, "text": text, "finish": finish} | ({"delta": delta} if delta is not None else {})
-            chunk["choices"] = [choice(**args)]
+            made = choice(**args)
+            if logprobs is not None:  # an upstream's, passed through (only remote tiers have them)
+                made["logprobs"] = logprobs
+            chunk["choices"] = [made]
         if include_usage:
             chunk["usage"] = usage
         return chunk
@@ -121,7 +126,7 @@ async def stream(turn: Turn, make_chunk: ChunkMaker, include_usage: bool) -> Asy
         async for event in turn.choices[0].events():
             note(event, turn)
             if isinstance(event, TextEvent):
-                yield sse(make_chunk(text=event.text))
+                yield sse(make_chunk(text=event.text, logprobs=event.logprobs))
             elif isinstance(event, ToolCallEvent):
                 for delta in tool_call_deltas(event):
                     yield sse(make_chunk(delta=delta))
@@ -146,6 +151,21 @@ class ChoiceResult:
     text: str
     done: DoneEvent
     calls: list[ToolCallEvent] = field(default_factory=list)
+    logprobs: JsonObject | None = None  # an upstream's, its pieces' lists joined
+
+
+def merge_logprobs(whole: JsonObject | None, piece: JsonObject) -> JsonObject:
+    """The logprobs of a whole answer from its pieces': each list field joined (chat's `content`,
+    completions' `tokens`, `token_logprobs`, `top_logprobs`, `text_offset`); other fields kept."""
+    if whole is None:
+        return {k: list(v) if isinstance(v, list) else v for k, v in piece.items()}
+    for name, value in piece.items():
+        held = whole.get(name)
+        if isinstance(held, list) and isinstance(value, list):
+            held.extend(value)
+        elif name not in whole or held is None:
+            whole[name] = list(value) if isinstance(value, list) else value
+    return whole
 
 
 async def collect(turn: Turn, client_gone: Awaitable[None] | None = None) -> list[ChoiceResult]:
@@ -181,16 +201,19 @@ async def disconnected(request: Request) -> None:
 async def _collect(choice: Choice, turn: Turn) -> ChoiceResult:
     pieces: list[str] = []
     calls: list[ToolCallEvent] = []
+    logprobs: JsonObject | None = None
     async for event in choice.events():
         note(event, turn)
         if isinstance(event, TextEvent):
             pieces.append(event.text)
+            if event.logprobs is not None:
+                logprobs = merge_logprobs(logprobs, event.logprobs)
         elif isinstance(event, ToolCallEvent):
             calls.append(event)
         elif isinstance(event, ErrorEvent):
             raise event.error
         else:
-            return ChoiceResult("".join(pieces), event, calls)
+            return ChoiceResult("".join(pieces), event, calls, logprobs)
     raise RuntimeError("a choice ended without a done or error event")
 
 

@@ -52,7 +52,7 @@ class Entry:
 async def lookup(
     cache: ResponseCache | None, endpoint: str, tier: TierConfig, request: TurnRequest, policy: CachePolicy
 ) -> Entry:
-    if cache is None or not cache.enabled or not is_deterministic(request.sampling):
+    if cache is None or not cache.enabled or not is_deterministic(request.sampling) or _wants_logprobs(request):
         return Entry(cache)
     normalised = {k: v for k, v in request.wire.items() if k not in IGNORED_FIELDS}
     key = request_key(endpoint, tier, normalised)
@@ -60,6 +60,12 @@ async def lookup(
         return Entry(cache, key, store=policy.store)
     hit = await cache.get(key)
     return Entry(cache, key, hit if _well_formed(hit) else None)
+
+
+def _wants_logprobs(request: TurnRequest) -> bool:
+    """An entry keeps text only: an answer with an upstream's logprobs could not be replayed whole."""
+    asked = request.wire.get("logprobs")  # chat: true; completions: a count, 0 included
+    return (asked is not None and asked is not False) or bool(request.wire.get("top_logprobs"))
 
 
 def _well_formed(value: object) -> bool:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from core.errors import ServiceError
+
+if TYPE_CHECKING:  # core.turns imports this module
+    from core.turns import JsonObject
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,9 @@ class TextEvent:
     """A piece of generated text (a stream's chunk boundary)."""
 
     text: str
+    # An upstream's `logprobs` for this piece, in its wire shape (chat: {"content": [...]}; completions:
+    # {"tokens": [...], ...}), passed through untouched; local engines never set it.
+    logprobs: JsonObject | None = None
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,7 @@ class Turn:
     replayed: bool = False  # the events come from the cache: no model ran
     recorded_completion_tokens: int = 0  # a replay's usage (its choices' own counts are not kept)
     native_tools: bool = False  # the backend makes tool calls itself (an upstream does): no local shaping
+    upstream: str | None = None  # the remote upstream that answered (URL without credentials): X-Upstream
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # run in order by aclose
     _closed: bool = False
 

@@ -93,7 +93,10 @@ class Metrics:
         )
         ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds (Linux)
         if manager is not None:
+            from ops.upstream_metrics import UpstreamCollector  # remote pools, per upstream
+
             r.register(TierCollector(manager))
+            r.register(UpstreamCollector(manager))
         if redis is not None:
             r.register(RedisCollector(redis))
 

@@ -6,8 +6,9 @@ upstream's first event is in: our response headers wait for it, so until then a 
 5xx, 429, 408, no first event within `FIRST_BYTE_TIMEOUT`, a stream that ends or errors first) moves
 the request to another upstream, at most `1 + RETRIES` attempts. After that, events pass through as
 they arrive; an upstream that dies or stays silent longer than `STREAM_IDLE_TIMEOUT` ends each open
-choice with one error event (the route then sends no `[DONE]`). Any other upstream error (400, 404,
-...) is the upstream's verdict on the request and goes back to the client as it is.
+choice with one error event (the route then sends no `[DONE]`). A non-streamed request's answer is
+read whole first (remote/whole.py), so such a failure still fails over. Any other upstream error
+(400, 404, ...) is the upstream's verdict on the request and goes back to the client as it is.
 
 Tools, `response_format`, `logprobs` and the upstream's sampling defaults are the upstream's business:
 the turn says `native_tools`, so no local tool shaping happens, and streamed tool-call deltas are
@@ -27,11 +28,13 @@ from concurrent.futures import Future
 import httpx
 
 from config import Settings, TierConfig
-from core.errors import ModelUnavailable, RequestCancelled, ServiceError, ShuttingDown
-from core.turns import JsonObject, JsonValue, Turn, TurnRequest
+from core.errors import ModelUnavailable, Overloaded, RequestCancelled, ServiceError, ShuttingDown
+from core.turns import Choice, JsonObject, JsonValue, Turn, TurnRequest
 from remote import faults
-from remote.pool import Pool, Upstream, UpstreamUnavailable, describe
+from remote.health import HealthProber
+from remote.pool import Attempt, Pool, Upstream, UpstreamUnavailable, describe
 from remote.stream import Exchange, RemoteChoice
+from remote.whole import Tries, WholeAnswer
 
 log = logging.getLogger("llmservice.remote")
 
@@ -91,9 +94,7 @@ class RemoteChat:
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self.config = config
-        self.pool = Pool(
-            config.upstream_urls, config.breaker_failures, config.breaker_cooldown, clock, config.lb_policy
-        )
+        self.pool = Pool.for_tier(config, clock)
         self.client = client or client_for(config)
         auth = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self.headers = {"Content-Type": "application/json", **auth}
@@ -106,27 +107,42 @@ class RemoteChat:
         self._exchanges: set[Exchange] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
+        self.waiting = 0  # requests waiting for an upstream under its in-flight cap
+        self._room = asyncio.Event()  # set when an attempt settles: a capped upstream may have room
+        self.pool.on_release(self._released)
+        self.prober = start_prober(self.pool, config, self.headers, lambda: self.model)
 
     async def start_turn(self, request: TurnRequest) -> Turn:
         if self.closing:
             raise ShuttingDown(f"The {self.config.name} tier is shutting down", retry_after=5)
         self._loop = asyncio.get_running_loop()
         body = json.dumps(upstream_body(request, await self._model_name()), ensure_ascii=False).encode()
-        exchange = await self._open(PATHS[request.kind], body, request)
-        choices = [RemoteChoice(exchange, state) for state in exchange.states]
-        turn = Turn(choices, prompt_tokens=exchange.prompt_tokens, native_tools=True)
+        tries = Tries(1 + self.config.retries)
+        exchange = await self._open(PATHS[request.kind], body, request, tries)
+        label = exchange.attempt.upstream.label
+        if not request.stream:  # nothing reaches our client before the whole answer: a fault until then fails over
+            whole = WholeAnswer(exchange, lambda: self._open(PATHS[request.kind], body, request, tries))
+            turn = Turn(whole.choices(), exchange.prompt_tokens, native_tools=True, upstream=label)
+            whole.turn = turn
+            turn.closers.append(whole.aclose)
+        else:
+            choices: list[Choice] = [RemoteChoice(exchange, state) for state in exchange.states]
+            turn = Turn(choices, exchange.prompt_tokens, native_tools=True, upstream=label)
+            turn.closers.append(exchange.aclose)
         exchange.turn = turn
-        turn.closers.append(exchange.aclose)
         return turn
 
-    async def _open(self, path: str, body: bytes, request: TurnRequest) -> Exchange:
-        """The first attempt that yields an event; faults before it move on to another upstream."""
-        tried: list[Upstream] = []
-        errors: list[str] = []
-        for _ in range(1 + self.config.retries):
+    async def _open(self, path: str, body: bytes, request: TurnRequest, tries: Tries) -> Exchange:
+        """The first attempt that yields an event; faults before it move on to another upstream (each
+        upstream once per request, `tries` attempts in all, shared with a whole answer's retries)."""
+        tried, errors = tries.tried, tries.errors
+        while tries.left > 0:
+            tries.left -= 1
             if self.closing:
                 raise RequestCancelled(STOPPED)
             attempt = self.pool.pick(tried, session_key(request))
+            if attempt is None and self.pool.saturated(tried):
+                attempt = await self._wait_for_room(tried, session_key(request))
             if attempt is None:
                 break
             tried.append(attempt.upstream)
@@ -150,6 +166,47 @@ class RemoteChat:
             f"No upstream of the {self.config.name} tier could answer: {describe(errors)}",
             retry_after=self.pool.retry_after(),
         )
+
+    def _released(self) -> None:
+        """An attempt settled (on the loop) or a probe found an upstream healthy (on its thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._room.set()
+        else:
+            loop.call_soon_threadsafe(self._room.set)
+
+    async def _wait_for_room(self, tried: list[Upstream], key: str | None) -> Attempt | None:
+        """Every upstream left is at `UPSTREAM_MAX_IN_FLIGHT`: wait for room as a local tier's queue
+        does, `MAX_QUEUE` requests at most, each `QUEUE_TIMEOUT` seconds at most; else 503."""
+        config = self.config
+        if self.waiting >= config.max_queue:
+            raise Overloaded(
+                f"The {config.name} tier's upstreams are all at their in-flight cap and "
+                f"{config.max_queue} requests are waiting already",
+                retry_after=max(1, int(config.queue_timeout) or 5),
+            )
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(config.queue_timeout):
+                while True:
+                    self._room.clear()
+                    attempt = self.pool.pick(tried, key)
+                    if attempt is not None or not self.pool.saturated(tried):
+                        return attempt
+                    await self._room.wait()
+        except TimeoutError:
+            raise Overloaded(
+                f"No upstream of the {config.name} tier had room within {config.queue_timeout:g}s",
+                retry_after=max(1, int(config.queue_timeout) or 5),
+            ) from None
+        finally:
+            self.waiting -= 1
 
     def _url(self, upstream: Upstream, path: str) -> httpx.URL:
         url = self._urls.get((upstream.url, path))
@@ -188,14 +245,17 @@ class RemoteChat:
     def status(self) -> Mapping[str, JsonValue]:
         return {
             "active": self.pool.in_flight,
-            "queued": 0,
+            "queued": self.waiting,
             "upstream_model": self.model,
+            "pool": "degraded" if self.pool.degraded() else "ok",
             "upstreams": self.pool.status(),
         }
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Called off the event loop (the manager's unload): end every open stream, close the client."""
         self.closing = True
+        if self.prober is not None:
+            self.prober.stop()
         loop = self._loop
         if loop is None or loop.is_closed():
             return
@@ -215,6 +275,17 @@ class RemoteChat:
         for exchange in list(self._exchanges):
             await exchange.stop(RequestCancelled(STOPPED))
         await self.client.aclose()
+
+
+def start_prober(
+    pool: Pool, config: TierConfig, headers: Mapping[str, str], model: Callable[[], str | None]
+) -> HealthProber | None:
+    """The pool's active health probes, when `UPSTREAM_HEALTH_INTERVAL` asks for them."""
+    if config.upstream_health_interval <= 0:
+        return None
+    auth = {k: v for k, v in headers.items() if k == "Authorization"}
+    prober = HealthProber(pool, config.upstream_health_interval, config.upstream_health_path, auth, model, config.name)
+    return prober.start()
 
 
 def _model_ids(response: httpx.Response) -> list[str]:

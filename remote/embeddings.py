@@ -29,8 +29,8 @@ from core.errors import InvalidRequest, Overloaded
 from core.protocols import EmbeddingResult
 from core.turns import JsonObject, JsonValue
 from remote import faults
-from remote.chat import NO_DELAY
-from remote.pool import Pool, Upstream, UpstreamUnavailable, describe
+from remote.chat import NO_DELAY, start_prober
+from remote.pool import Attempt, Pool, Upstream, UpstreamUnavailable, describe
 
 NO_LIMIT = 1 << 31  # the upstream knows its model's limits; `truncate` is passed on to it
 _EPSILON = 1e-7
@@ -47,9 +47,7 @@ class Upstreams:
 
     def __init__(self, config: TierConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.pool = Pool(
-            config.upstream_urls, config.breaker_failures, config.breaker_cooldown, clock, config.lb_policy
-        )
+        self.pool = Pool.for_tier(config, clock)
         self.headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         transport = httpx.HTTPTransport(
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64), socket_options=NO_DELAY
@@ -58,6 +56,29 @@ class Upstreams:
         self.client = httpx.Client(timeout=timeout, transport=transport, trust_env=False)
         self.model: str | None = config.upstream_model or None
         self._model_known = bool(config.upstream_model) or config.upstream_api != "openai"
+        self.prober = start_prober(self.pool, config, self.headers, lambda: self.model)
+        self._room = threading.Condition()  # notified when an attempt settles (a capped upstream has room)
+        self.pool.on_release(self._released)
+
+    def _released(self) -> None:
+        with self._room:
+            self._room.notify_all()
+
+    def _wait_for_room(self, tried: list[Upstream]) -> Attempt | None:
+        """Every upstream left is at its in-flight cap: wait up to `QUEUE_TIMEOUT` for one to free up."""
+        deadline = time.monotonic() + self.config.queue_timeout
+        with self._room:
+            while True:
+                attempt = self.pool.pick(tried)
+                if attempt is not None or not self.pool.saturated(tried):
+                    return attempt
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Overloaded(
+                        f"No upstream of the {self.config.name} tier had room within {self.config.queue_timeout:g}s",
+                        retry_after=max(1, int(self.config.queue_timeout) or 5),
+                    )
+                self._room.wait(left)
 
     def post(self, path: str, body: JsonObject) -> JsonValue:
         return self.send(lambda url: self.client.post(url + path, json=body, headers=self.headers))
@@ -69,6 +90,8 @@ class Upstreams:
         errors: list[str] = []
         for _ in range(1 + self.config.retries):
             attempt = self.pool.pick(tried)
+            if attempt is None and self.pool.saturated(tried):
+                attempt = self._wait_for_room(tried)
             if attempt is None:
                 break
             tried.append(attempt.upstream)
@@ -119,6 +142,8 @@ class Upstreams:
         return self.model
 
     def close(self) -> None:
+        if self.prober is not None:
+            self.prober.stop()
         self.client.close()
 
 
@@ -304,8 +329,14 @@ class RemoteWorker:
             with self._lock:
                 self.running -= 1
 
+    @property
+    def pool(self) -> Pool:
+        return self.upstreams.pool
+
     def status(self) -> Mapping[str, JsonValue]:
-        return {"active": self.running, "queued": self.waiting, "upstreams": self.upstreams.pool.status()}
+        pool = self.upstreams.pool
+        state = "degraded" if pool.degraded() else "ok"
+        return {"active": self.running, "queued": self.waiting, "pool": state, "upstreams": pool.status()}
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

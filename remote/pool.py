@@ -13,6 +13,14 @@ body's `user`), so one conversation keeps reaching the upstream that holds its K
 way on every replica with no shared state; when that upstream is out (or was tried), the next in
 rendezvous order; without a key, least outstanding.
 
+Weights (`http://gpu1:8000/v1|2` in `{TIER}_UPSTREAMS`: twice the share of an unweighted one) scale
+every policy: least outstanding compares in-flight divided by weight, round robin is smooth weighted
+round robin (nginx's), session is weighted rendezvous hashing. `{TIER}_UPSTREAM_MAX_IN_FLIGHT` caps
+each upstream's in-flight attempts: a full upstream is not picked, and when every candidate is full
+`pick` returns None and `saturated` says so (the chat tier then waits under its queue settings).
+Active health probes (remote/health.py) mark an upstream unhealthy: it is skipped until a probe
+passes.
+
 Circuit breaker per upstream: `failures` consecutive faults open it and it is skipped; after the
 cooldown one request may probe it (half-open): success closes it, a fault opens it again with the
 cooldown doubled, up to `MAX_COOLDOWN_FACTOR` times the base. A Retry-After from a 429 or 503 keeps
@@ -22,15 +30,17 @@ as well as the event loop; nothing waits while holding it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from config import TierConfig
 from core.errors import ServiceError
 from core.turns import JsonObject
 
@@ -66,9 +76,24 @@ class UpstreamBroke(ServiceError):
     code = "upstream_error"
 
 
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def parse_entry(entry: str) -> tuple[str, float]:
+    """`http://host/v1|2` -> (`http://host/v1`, 2.0); no `|` -> weight 1. Raises ValueError on a bad weight."""
+    url, bar, weight = entry.rpartition("|")
+    if not bar:
+        return entry.rstrip("/"), 1.0
+    value = float(weight)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"weight {weight!r} is not a positive number")
+    return url.rstrip("/"), value
+
+
 @dataclass
 class Upstream:
     url: str
+    weight: float = 1.0
     in_flight: int = 0
     requests: int = 0
     failures: int = 0  # faults, all time
@@ -79,22 +104,36 @@ class Upstream:
     probing: bool = False  # a half-open probe is in flight
     not_before: float = 0.0  # the upstream's own Retry-After
     last_error: str = ""
+    retries: int = 0  # attempts here that were another upstream's retry
+    healthy: bool = True  # the last active probe passed (always, without probes)
+    health_error: str = ""
+    current: float = 0.0  # smooth weighted round robin's running score
+    latency_counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    latency_sum: float = 0.0
+    label: str = ""  # the URL without credentials, for headers, status pages, metrics and logs
 
-    @property
-    def label(self) -> str:
-        """The URL without credentials, for status pages and logs."""
+    def __post_init__(self) -> None:
         parts = urllib.parse.urlsplit(self.url)
         host = parts.hostname or ""
         netloc = f"{host}:{parts.port}" if parts.port else host
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        self.label = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+    def observe(self, seconds: float) -> None:
+        self.latency_sum += seconds
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.latency_counts[i] += 1
+                break
 
 
 class Attempt:
     """One request on one upstream; `finish` settles it once (later calls are ignored)."""
 
-    def __init__(self, pool: Pool, upstream: Upstream, probe: bool) -> None:
+    def __init__(self, pool: Pool, upstream: Upstream, probe: bool, started: float) -> None:
         self.pool, self.upstream, self.probe = pool, upstream, probe
+        self.started = started
         self.finished = False
+        self.outcome: Outcome | None = None  # how it was settled
 
     def finish(self, outcome: Outcome, error: str = "", retry_after: float | None = None) -> None:
         self.pool._settle(self, outcome, error, retry_after)
@@ -108,20 +147,39 @@ class Pool:
         cooldown: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         policy: str = "least_outstanding",
+        max_in_flight: int = 0,
     ) -> None:
         if not urls:
             raise ValueError("a pool needs at least one upstream")
-        self.upstreams = [Upstream(url) for url in urls]
+        self.upstreams = [Upstream(*parse_entry(entry)) for entry in urls]
         self.failures = failures
         self.cooldown = cooldown
         self.clock = clock
         self.policy = policy
+        self.max_in_flight = max_in_flight  # per upstream; 0 = no cap
+        self.health_interval = 0.0  # set by the prober: how soon an unhealthy upstream may be back
         self._rotation = 0
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
+
+    @classmethod
+    def for_tier(cls, config: TierConfig, clock: Callable[[], float] = time.monotonic) -> Pool:
+        return cls(
+            config.upstream_urls,
+            config.breaker_failures,
+            config.breaker_cooldown,
+            clock,
+            config.lb_policy,
+            config.upstream_max_in_flight,
+        )
 
     @property
     def in_flight(self) -> int:
         return sum(u.in_flight for u in self.upstreams)
+
+    def on_release(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every settled attempt (outside the lock): room may have opened."""
+        self._listeners.append(listener)
 
     def pick(self, exclude: Collection[Upstream] = (), key: str | None = None) -> Attempt | None:
         """The upstream the policy picks among those that may take a request, counted in flight; None
@@ -131,37 +189,71 @@ class Pool:
             count = len(self.upstreams)
             start, self._rotation = self._rotation, (self._rotation + 1) % count
             if self.policy == "session" and key:
-                order = sorted(self.upstreams, key=lambda u: _rendezvous(key, u.url), reverse=True)
+                order = sorted(self.upstreams, key=lambda u: _rendezvous(key, u), reverse=True)
             else:
                 order = [self.upstreams[(start + step) % count] for step in range(count)]
-            candidates = [u for u in order if u not in exclude and self._admits(u, now)]
+            candidates = [u for u in order if u not in exclude and self._admits(u, now) and self._has_room(u)]
             if not candidates:
                 return None
-            if self.policy == "round_robin" or (self.policy == "session" and key):
+            if self.policy == "round_robin":
+                best = self._weighted_turn(candidates)
+            elif self.policy == "session" and key:
                 best = candidates[0]
             else:  # least outstanding; `min` keeps the first of equals, and the order rotates
-                best = min(candidates, key=lambda u: u.in_flight)
+                best = min(candidates, key=lambda u: u.in_flight / u.weight)
             probe = best.state != CLOSED
             if probe:
                 best.state, best.probing = HALF_OPEN, True
             best.in_flight += 1
             best.requests += 1
-            return Attempt(self, best, probe)
+            best.retries += 1 if exclude else 0
+            return Attempt(self, best, probe, now)
+
+    def saturated(self, exclude: Collection[Upstream] = ()) -> bool:
+        """Whether some upstream not yet tried could take the request but for its in-flight cap."""
+        with self._lock:
+            now = self.clock()
+            return any(u not in exclude and self._admits(u, now) and not self._has_room(u) for u in self.upstreams)
+
+    def _has_room(self, upstream: Upstream) -> bool:
+        return self.max_in_flight <= 0 or upstream.in_flight < self.max_in_flight
+
+    @staticmethod
+    def _weighted_turn(candidates: Sequence[Upstream]) -> Upstream:
+        """Smooth weighted round robin: each candidate gains its weight, the leader pays the total."""
+        for upstream in candidates:
+            upstream.current += upstream.weight
+        best = max(candidates, key=lambda u: u.current)
+        best.current -= sum(u.weight for u in candidates)
+        return best
 
     def _admits(self, upstream: Upstream, now: float) -> bool:
-        if now < upstream.not_before:
+        if now < upstream.not_before or not upstream.healthy:
             return False
         if upstream.state == CLOSED:
             return True
         return now >= upstream.reopen_at and not upstream.probing
 
+    def set_health(self, upstream: Upstream, healthy: bool, error: str = "") -> None:
+        """An active probe's verdict (remote/health.py)."""
+        with self._lock:
+            upstream.healthy, upstream.health_error = healthy, error
+        if healthy:
+            self._notify()
+
+    def degraded(self) -> bool:
+        """No upstream may take a request now: every breaker open (or every upstream failing its probe)."""
+        with self._lock:
+            return all(u.state != CLOSED or not u.healthy for u in self.upstreams)
+
     def _settle(self, attempt: Attempt, outcome: Outcome, error: str, retry_after: float | None) -> None:
         with self._lock:
             if attempt.finished:
                 return
-            attempt.finished = True
+            attempt.finished, attempt.outcome = True, outcome
             upstream, now = attempt.upstream, self.clock()
             upstream.in_flight -= 1
+            upstream.observe(max(0.0, now - attempt.started))
             if attempt.probe:
                 upstream.probing = False
             if retry_after is not None and retry_after > 0:
@@ -176,15 +268,30 @@ class Pool:
                     self._open(upstream, now, min(upstream.cooldown * 2, self.cooldown * MAX_COOLDOWN_FACTOR))
                 elif upstream.state == CLOSED and upstream.streak >= self.failures:
                     self._open(upstream, now, self.cooldown)
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def _open(self, upstream: Upstream, now: float, cooldown: float) -> None:
         upstream.state, upstream.cooldown, upstream.reopen_at = OPEN, cooldown, now + cooldown
+
+    def snapshot(self) -> list[Upstream]:
+        """Copies of the upstreams, taken together (for metrics)."""
+        with self._lock:
+            return [dataclasses.replace(u, latency_counts=list(u.latency_counts)) for u in self.upstreams]
 
     def retry_after(self) -> float:
         """Seconds until some upstream may take a request again (at least 1)."""
         with self._lock:
             now = self.clock()
-            waits = [max(u.not_before, u.reopen_at if u.state != CLOSED else 0.0) - now for u in self.upstreams]
+            waits = [
+                max(u.not_before, u.reopen_at if u.state != CLOSED else 0.0) - now
+                if u.healthy
+                else self.health_interval
+                for u in self.upstreams
+            ]
         return max(1.0, min(waits))
 
     def status(self) -> list[JsonObject]:
@@ -195,13 +302,18 @@ class Pool:
             for u in self.upstreams:
                 entry: JsonObject = {
                     "url": u.label,
+                    "weight": u.weight,
+                    "healthy": u.healthy,
                     "breaker": u.state,
                     "in_flight": u.in_flight,
                     "requests": u.requests,
                     "failures": u.failures,
+                    "retries": u.retries,
                     "consecutive_failures": u.streak,
                     "last_error": u.last_error or None,
                 }
+                if u.health_error:
+                    entry["health_error"] = u.health_error
                 wait = max(u.not_before, u.reopen_at if u.state == OPEN else 0.0) - now
                 if wait > 0:
                     entry["retry_in_seconds"] = round(wait, 1)
@@ -209,9 +321,12 @@ class Pool:
             return out
 
 
-def _rendezvous(key: str, url: str) -> int:
-    """A stable score of (session, upstream): the highest wins. Not Python's hash, which is salted per process."""
-    return int.from_bytes(hashlib.blake2b(f"{url}\n{key}".encode(), digest_size=8).digest(), "big")
+def _rendezvous(key: str, upstream: Upstream) -> float:
+    """A stable score of (session, upstream): the highest wins; weighted rendezvous (-w / ln h), so an
+    upstream of weight 2 wins twice as many sessions. Not Python's hash, which is salted per process."""
+    digest = hashlib.blake2b(f"{upstream.url}\n{key}".encode(), digest_size=8).digest()
+    unit = (int.from_bytes(digest, "big") + 1) / (2**64 + 1)  # in (0, 1)
+    return -upstream.weight / math.log(unit)
 
 
 def describe(attempts: Sequence[str]) -> str:

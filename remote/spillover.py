@@ -18,6 +18,7 @@ from config import TierConfig
 from core.errors import Overloaded
 from core.turns import ChatBackend, JsonValue, Turn, TurnRequest
 from remote.chat import RemoteChat
+from remote.pool import Pool
 
 log = logging.getLogger("llmservice.remote")
 
@@ -41,6 +42,10 @@ class SpillOver:
 
     def status(self) -> Mapping[str, JsonValue]:
         return {**self.local.status(), "spilled": self.spilled, "upstreams": self.remote.pool.status()}
+
+    @property
+    def pool(self) -> Pool:
+        return self.remote.pool
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self.local.shutdown(timeout)

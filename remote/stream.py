@@ -199,9 +199,12 @@ class Exchange:
             delta = choice.get("delta") if self.kind == "chat" else choice
             delta = delta if isinstance(delta, dict) else {}
             text = delta.get("content") if self.kind == "chat" else delta.get("text")
-            if isinstance(text, str) and text:
-                state.pieces += 1
-                state.queue.append(TextEvent(text))
+            text = text if isinstance(text, str) else ""
+            logprobs = choice.get("logprobs")
+            logprobs = logprobs if isinstance(logprobs, dict) and logprobs else None
+            if text or logprobs is not None:
+                state.pieces += 1 if text else 0
+                state.queue.append(TextEvent(text, logprobs))
             calls = delta.get("tool_calls")
             for call in calls if isinstance(calls, list) else []:
                 _add_call_fragment(state, call)

@@ -33,12 +33,17 @@ class StandIn:
     stall_before_first: bool = False  # 200 and a role chunk, then nothing
     stall_after_first: bool = False  # one piece, then nothing
     die_after_first: bool = False  # one piece, then the connection drops
+    error_after_first: bool = False  # one piece, then an error event
     error_event_first: bool = False  # an error event before any piece
     gate: threading.Event | None = None  # when set by a test, answers wait for it
     requests: list[dict[str, Any]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     models: tuple[str, ...] = ("upstream-model",)
     held: int = 0  # requests waiting on the gate now
+    pace_tokens: int = 0  # > 0: chat streams this many one-word chunks instead (bench/bench_remote.py) ...
+    pace_s: float = 0.0  # ... one every `pace_s` seconds, as a GPU server generates
+    health: int | None = None  # GET /health answers this status (None: no such route, 404)
+    health_probes: int = 0
 
     def reply(self, body: dict[str, Any]) -> str:
         if "messages" in body:
@@ -76,6 +81,11 @@ def build(stand_in: StandIn) -> FastAPI:
             headers = {"Retry-After": stand_in.retry_after} if stand_in.retry_after else {}
             return body, JSONResponse(error, status_code=stand_in.status, headers=headers)
         return body, None
+
+    @app.get("/health")
+    async def health() -> Response:
+        stand_in.health_probes += 1
+        return JSONResponse({"status": "ok"}, status_code=stand_in.health or 404)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -147,8 +157,11 @@ def _overlap(query: str, document: str) -> float:
     return len(words & set(document.lower().split())) / max(1, len(words))
 
 
-def _chunk(content: dict[str, Any] | None, finish: str | None = None) -> dict[str, Any]:
-    choice = {"index": 0, "delta": content or {}, "finish_reason": finish}
+def _chunk(content: dict[str, Any] | None, finish: str | None = None, logprobs: bool = False) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "delta": content or {}, "finish_reason": finish}
+    text = (content or {}).get("content")
+    if logprobs and text:  # OpenAI's shape: one entry per token (here, per piece)
+        choice["logprobs"] = {"content": [{"token": text, "logprob": -0.5, "bytes": None, "top_logprobs": []}]}
     return {"id": "chatcmpl-up", "object": "chat.completion.chunk", "model": "upstream-model", "choices": [choice]}
 
 
@@ -164,6 +177,9 @@ async def _faults(stand_in: StandIn, first: bytes) -> AsyncIterator[bytes]:
         await asyncio.sleep(STALL_S)
     if stand_in.die_after_first:
         raise RuntimeError("the upstream died mid-stream")  # uvicorn drops the connection mid-body
+    if stand_in.error_after_first:
+        yield _sse({"error": {"message": "the upstream ran out of memory", "type": "server_error", "code": "oom"}})
+        await asyncio.sleep(STALL_S)  # and says nothing more: the error event is what counts
 
 
 async def _chat_stream(stand_in: StandIn, body: dict[str, Any]) -> AsyncIterator[bytes]:
@@ -175,14 +191,20 @@ async def _chat_stream(stand_in: StandIn, body: dict[str, Any]) -> AsyncIterator
         for part in ('{"city": ', '"Paris"}'):
             yield _sse(_chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
         yield _sse(_chunk(None, "tool_calls"))
+    elif stand_in.pace_tokens:
+        for _ in range(stand_in.pace_tokens):
+            await asyncio.sleep(stand_in.pace_s)
+            yield _sse(_chunk({"content": "tok "}))
+        yield _sse(_chunk(None, "length"))
     else:
         pieces = _pieces(stand_in.reply(body)) or [""]
-        async for data in _faults(stand_in, _sse(_chunk({"content": pieces[0]}))):
+        logprobs = bool(body.get("logprobs"))
+        async for data in _faults(stand_in, _sse(_chunk({"content": pieces[0]}, logprobs=logprobs))):
             yield data
         if stand_in.error_event_first:
             return
         for piece in pieces[1:]:
-            yield _sse(_chunk({"content": piece}))
+            yield _sse(_chunk({"content": piece}, logprobs=logprobs))
         yield _sse(_chunk(None, "stop"))
     usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
     yield _sse({"id": "chatcmpl-up", "object": "chat.completion.chunk", "choices": [], "usage": usage})
@@ -193,9 +215,10 @@ async def _completion_stream(stand_in: StandIn, body: dict[str, Any]) -> AsyncIt
     n = int(body.get("n", 1))
     for index in range(n):
         for piece in _pieces(stand_in.reply(body)):
-            yield _sse(
-                {"object": "text_completion", "choices": [{"index": index, "text": piece, "finish_reason": None}]}
-            )
+            choice: dict[str, Any] = {"index": index, "text": piece, "finish_reason": None}
+            if body.get("logprobs") is not None:
+                choice["logprobs"] = {"tokens": [piece], "token_logprobs": [-0.25], "top_logprobs": [None]}
+            yield _sse({"object": "text_completion", "choices": [choice]})
         yield _sse({"object": "text_completion", "choices": [{"index": index, "text": "", "finish_reason": "length"}]})
     yield _sse({"object": "text_completion", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 6}})
     yield b"data: [DONE]\n\n"
