@@ -9,9 +9,11 @@ sequential keep-alive requests, non-streamed chat at temperature 0:
 - Redis away: distinct requests (each a miss that asks Redis) with Redis healthy, on a closed port,
   behind a server that accepts and never answers, and SIGSTOPped; with the default cooldown (5 s:
   one request pays the timeout, the rest bypass) and with REDIS_COOLDOWN_SECONDS=0 (every request
-  probes: the worst case, REDIS_TIMEOUT_MS each);
+  probes: the worst case, REDIS_TIMEOUT_MS each); against the cache off;
 - `--ray`: a local Ray (2 CPUs, loopback) with 2 replicas: start-up time, the memory (USS) of Ray's
-  processes, and the Serve proxy's hop against a direct server process.
+  processes, the Serve proxy's hop against a direct server process, and throughput (16 clients at
+  once) of 2 replicas, then 1, through the proxy against one direct process.
+Servers compared run at once and are measured in alternating rounds; the load average is recorded.
 Prints Markdown tables; writes the raw numbers to bench/results/bench_replicas.json.
 """
 
@@ -40,6 +42,7 @@ from bench.report import table  # noqa: E402
 from tests.conftest import FAKE_ENV  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "bench_replicas.json"
+CONCURRENCY = 16  # clients at once in the throughput rounds
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -149,41 +152,74 @@ def hits(requests: int, rounds: int = 4) -> list[dict[str, Any]]:
     return [summary(name, values) for name, values in cases.items()]
 
 
-def redis_away(requests: int) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def redis_away(requests: int, rounds: int = 4) -> list[dict[str, Any]]:
+    """Misses (distinct requests) on servers that all run at once, measured in alternating rounds; each
+    row is compared with the cache off (the fake model computes every answer, no cache code runs)."""
     fresh = iter(range(10**9))
 
     def misses() -> list[dict[str, Any]]:
-        return [body(f"question {next(fresh)}") for _ in range(requests)]
+        return [body(f"question {next(fresh)}") for _ in range(requests // rounds)]
 
-    with server() as alone:
-        base = percentile(timed(alone, misses()), 50)
-        rows.append({"case": "no Redis configured (misses)", "p50": base})
-    silent = socket.socket()
+    silent = socket.socket()  # accepts (the kernel's backlog) and never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen(1024)
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    never = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    cases: dict[str, list[float]] = {}
     try:
-        with redis_server() as (url, proc):
-            cases = [
-                ("Redis healthy", url, None),
-                ("closed port", f"redis://127.0.0.1:{free_port()}/0", None),
-                ("never answers", f"redis://127.0.0.1:{silent.getsockname()[1]}/0", None),
-                ("SIGSTOPped", url, proc),
-            ]
+        with contextlib.ExitStack() as stack:
+            healthy, _ = stack.enter_context(redis_server())
+            frozen_url, frozen = stack.enter_context(redis_server())
+            targets = {
+                "cache off": stack.enter_context(server(ENABLE_CACHE="false")),
+                "cache on, no Redis configured": stack.enter_context(server()),
+            }
             for cooldown in ("5", "0"):
-                for name, target, frozen in cases:
-                    if frozen is not None:
-                        os.kill(frozen.pid, signal.SIGSTOP)
-                    try:
-                        with server(CACHE_REDIS_URL=target, REDIS_COOLDOWN_SECONDS=cooldown) as front:
-                            values = timed(front, misses())
-                    finally:
-                        if frozen is not None:
-                            os.kill(frozen.pid, signal.SIGCONT)
-                    rows.append(summary(f"{name}, cooldown {cooldown} s", values, base))
+                for name, url in [
+                    ("Redis healthy", healthy),
+                    ("closed port", dead),
+                    ("never answers", never),
+                    ("SIGSTOPped", frozen_url),
+                ]:
+                    front = server(CACHE_REDIS_URL=url, REDIS_COOLDOWN_SECONDS=cooldown)
+                    targets[f"{name}, cooldown {cooldown} s"] = stack.enter_context(front)
+            os.kill(frozen.pid, signal.SIGSTOP)  # after its servers are up: their /health never asks Redis
+            try:
+                for _ in range(rounds):
+                    for name, target in targets.items():
+                        cases.setdefault(name, []).extend(timed(target, misses()))
+            finally:
+                os.kill(frozen.pid, signal.SIGCONT)
     finally:
         silent.close()
-    return rows
+    base = percentile(cases["cache off"], 50)
+    return [summary(name, values, base) for name, values in cases.items()]
+
+
+async def _load(url: str, concurrency: int, count: int) -> float:
+    """Requests per second: `count` uncached chat requests, `concurrency` at a time."""
+    import asyncio
+
+    payload = {**body("throughput"), "temperature": 0.5}  # never cached: the fake model answers each
+    queue = iter(range(count))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for _ in queue:
+            response = await client.post("/v1/chat/completions", json=payload)
+            assert response.status_code == 200, response.text
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, trust_env=False, limits=limits) as client:
+        await client.get("/health")
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return count / (time.perf_counter() - start)
+
+
+def throughput(url: str, concurrency: int, count: int) -> float:
+    import asyncio
+
+    return asyncio.run(_load(url, concurrency, count))
 
 
 def ray_hop(requests: int) -> dict[str, Any]:
@@ -197,6 +233,8 @@ def ray_hop(requests: int) -> dict[str, Any]:
     result: dict[str, Any] = {}
     start = time.monotonic()
     ray.init(
+        address="local",  # a Ray of our own, never one a `ray start` elsewhere left in /tmp/ray
+        _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),  # short: Ray's socket paths must stay < 107
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
         num_cpus=2,
@@ -222,9 +260,31 @@ def ray_hop(requests: int) -> dict[str, Any]:
         for _ in range(4):  # alternating rounds: drift on a shared machine hits both alike
             via_serve += timed(url, plain[: requests // 4])
             direct += timed(alone, plain[: requests // 4])
-    result["direct_p50_ms"] = percentile(direct, 50)
-    result["serve_p50_ms"] = percentile(via_serve, 50)
-    result["hop_p50_ms"] = result["serve_p50_ms"] - result["direct_p50_ms"]
+        result["direct_p50_ms"] = percentile(direct, 50)
+        result["serve_p50_ms"] = percentile(via_serve, 50)
+        result["hop_p50_ms"] = result["serve_p50_ms"] - result["direct_p50_ms"]
+        result["throughput"] = []
+        for replicas in (2, 1):
+            if replicas == 1:  # the same app name: Serve replaces the deployment in place
+                serve.run(
+                    deployment(1, env=dict(FAKE_ENV), factories="tests.ray_fakes:factories", num_cpus=0.5),
+                    name="bench",
+                )
+                wait_up(url)
+            rates: dict[str, list[float]] = {"serve": [], "direct": []}
+            for _ in range(3):
+                rates["serve"].append(throughput(url, CONCURRENCY, requests))
+                rates["direct"].append(throughput(alone, CONCURRENCY, requests))
+            serve_rate, direct_rate = (sorted(v)[len(v) // 2] for v in (rates["serve"], rates["direct"]))
+            result["throughput"].append(
+                {
+                    "case": f"Ray Serve, {replicas} replica(s)",
+                    "concurrency": CONCURRENCY,
+                    "serve_rps": serve_rate,
+                    "direct_rps": direct_rate,
+                    "ratio": serve_rate / direct_rate,
+                }
+            )
     serve.shutdown()
     ray.shutdown()
     return result
@@ -235,15 +295,28 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--ray", action="store_true", help="also measure Ray Serve (needs ray[serve])")
     args = parser.parse_args()
-    results: dict[str, Any] = {"hits": hits(args.requests), "redis_away": redis_away(args.requests)}
+    load: dict[str, list[float]] = {"start": list(os.getloadavg())}  # 1, 5 and 15 minutes
+    results: dict[str, Any] = {"load_average": load, "hits": hits(args.requests)}
+    load["after_hits"] = list(os.getloadavg())
+    results["redis_away"] = redis_away(args.requests)
+    load["after_redis_away"] = list(os.getloadavg())
     columns = [("case", "case"), ("p50", "p50 ms"), ("p99", "p99 ms"), ("max", "max ms")]
     print(table(results["hits"], columns))
     print()
-    print(table(results["redis_away"], [*columns, ("extra_p50", "p50 over no Redis, ms")]))
+    print(table(results["redis_away"], [*columns, ("extra_p50", "p50 over cache off, ms")]))
     if args.ray:
         results["ray"] = ray_hop(args.requests)
+        load["after_ray"] = list(os.getloadavg())
         print()
-        print(table([results["ray"]], [(k, k) for k in results["ray"]]))
+        print(
+            table(
+                [{k: v for k, v in results["ray"].items() if k != "throughput"}],
+                [(k, k) for k in results["ray"] if k != "throughput"],
+            )
+        )
+        print()
+        print(table(results["ray"]["throughput"], [(k, k) for k in results["ray"]["throughput"][0]]))
+    print(f"\nload average (1, 5, 15 min): {json.dumps(load)}")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
 
