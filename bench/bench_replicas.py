@@ -38,11 +38,14 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.report import table  # noqa: E402
+from bench.report import table, write_section  # noqa: E402
 from tests.conftest import FAKE_ENV  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "bench_replicas.json"
 CONCURRENCY = 16  # clients at once in the throughput rounds
+REDIS_HIT_TARGET_MS = 2.5  # issue 12: a hit from the Redis tier through HTTP, p50
+DEAD_REDIS_TARGET_MS = 5.0  # issue 12: p50 while Redis is away, over the cache off
+AWAY = ("closed port", "never answers", "SIGSTOPped")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -290,11 +293,95 @@ def ray_hop(requests: int) -> dict[str, Any]:
     return result
 
 
+def verdict(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
+def loads(results: dict[str, Any]) -> str:
+    return ", ".join(f"{stage} {values[0]:.1f}" for stage, values in results["load_average"].items())
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, str]]:
+    """The issue's rows, each with its verdict and the numbers behind it."""
+    hit = {row["case"]: row["p50"] for row in results["hits"]}
+    away = {row["case"]: row for row in results["redis_away"]}
+    redis_hit, memory = hit["Redis hit (no memory tier)"], hit["memory hit"]
+    rows = [
+        {
+            "row": "cache hit from the Redis tier through HTTP, p50",
+            "target": f"<= {REDIS_HIT_TARGET_MS} ms",
+            "measured": f"{redis_hit:.2f} ms (memory {memory:.2f} ms: x{redis_hit / memory:.2f})",
+            "verdict": verdict(redis_hit <= REDIS_HIT_TARGET_MS),
+        }
+    ]
+    for name in AWAY:
+        for cooldown, target in (("5", f"within {DEAD_REDIS_TARGET_MS:g} ms"), ("0", "none: the bound")):
+            row = away[f"{name}, cooldown {cooldown} s"]
+            rows.append(
+                {
+                    "row": f"Redis {name} (REDIS_COOLDOWN_SECONDS={cooldown}): p50 over the cache off",
+                    "target": target,
+                    "measured": f"{row['extra_p50']:+.2f} ms ({row['p50']:.2f} vs {away['cache off']['p50']:.2f})",
+                    "verdict": verdict(row["extra_p50"] <= DEAD_REDIS_TARGET_MS) if cooldown == "5" else "-",
+                }
+            )
+    ray = results.get("ray")
+    if ray:
+        rows.append(
+            {
+                "row": "Ray Serve hop, p50 added to a chat request",
+                "target": "none: measured",
+                "measured": f"{ray['hop_p50_ms']:.1f} ms ({ray['serve_p50_ms']:.1f} vs {ray['direct_p50_ms']:.1f})",
+                "verdict": "-",
+            }
+        )
+        for row in ray["throughput"]:
+            rows.append(
+                {
+                    "row": f"throughput, {row['case']} / 1 process, {row['concurrency']} clients",
+                    "target": "none: measured",
+                    "measured": f"x{row['ratio']:.2f} ({row['serve_rps']:.0f} vs {row['direct_rps']:.0f} req/s)",
+                    "verdict": "-",
+                }
+            )
+    return rows
+
+
+def section(results: dict[str, Any]) -> str:
+    columns = [("case", "case"), ("p50", "p50 ms"), ("p99", "p99 ms"), ("max", "max ms")]
+    parts = [
+        "Fake models (`python -m tests.serve_fakes`), each server its own process, loopback, sequential "
+        "keep-alive requests, non-streamed chat at temperature 0; servers compared run at once and are "
+        "measured in alternating rounds. `.venv/bin/python bench/bench_replicas.py --ray --write`. "
+        f"Load average (1 min) at each stage: {loads(results)}.",
+        table(targets(results), [("row", "row"), ("target", "target"), ("measured", "measured"), ("verdict", "")]),
+        "Cache hits (the same request; Redis hits with `CACHE_MAX_SIZE=0`, so every lookup goes there):",
+        table(results["hits"], columns),
+        "Misses (distinct requests) while Redis is healthy or away; REDIS_TIMEOUT_MS=20:",
+        table(results["redis_away"], [*columns, ("extra_p50", "p50 over cache off, ms")]),
+    ]
+    ray = results.get("ray")
+    if ray:
+        one = {k: v for k, v in ray.items() if k != "throughput"}
+        parts += [
+            "Ray Serve: a local Ray (2 CPUs, loopback), 2 replicas of 0.5 CPU; memory is the USS of Ray's "
+            "processes; throughput is uncached chat, 16 clients at once, the median of 3 alternating rounds:",
+            table([one], [(k, k) for k in one]),
+            table(ray["throughput"], [(k, k) for k in ray["throughput"][0]]),
+        ]
+    return "\n\n".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--ray", action="store_true", help="also measure Ray Serve (needs ray[serve])")
+    parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md's Replicas section")
+    parser.add_argument("--from-json", type=Path, help="no measuring: the section from an earlier run's results")
     args = parser.parse_args()
+    if args.from_json:
+        write_section("Replicas", section(json.loads(args.from_json.read_text())))
+        return
     load: dict[str, list[float]] = {"start": list(os.getloadavg())}  # 1, 5 and 15 minutes
     results: dict[str, Any] = {"load_average": load, "hits": hits(args.requests)}
     load["after_hits"] = list(os.getloadavg())
@@ -319,6 +406,8 @@ def main() -> None:
     print(f"\nload average (1, 5, 15 min): {json.dumps(load)}")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
+    if args.write:
+        write_section("Replicas", section(results))
 
 
 if __name__ == "__main__":
