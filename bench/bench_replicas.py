@@ -135,6 +135,13 @@ def summary(name: str, values: list[float], base: float | None = None) -> dict[s
     return row
 
 
+def rotated(targets: dict[str, str], turn: int) -> list[tuple[str, str]]:
+    """Each round starts with another server, so none is always measured first (or right after another)."""
+    items = list(targets.items())
+    shift = turn * len(items) // 4 % len(items)
+    return items[shift:] + items[:shift]
+
+
 def hits(requests: int, rounds: int = 4) -> list[dict[str, Any]]:
     """The three servers side by side, measured in alternating rounds: drift on a shared machine hits
     each alike."""
@@ -149,10 +156,10 @@ def hits(requests: int, rounds: int = 4) -> list[dict[str, Any]]:
         targets = {"memory hit": memory, "Redis hit (no memory tier)": shared, "cache off (fake model computes)": off}
         for url_of in targets.values():
             timed(url_of, same[:1])  # the entry exists before any round
-        for _ in range(rounds):
-            for name, target in targets.items():
+        for turn in range(rounds):
+            for name, target in rotated(targets, turn):
                 cases.setdefault(name, []).extend(timed(target, same))
-    return [summary(name, values) for name, values in cases.items()]
+    return [summary(name, cases[name]) for name in targets]
 
 
 def redis_away(requests: int, rounds: int = 4) -> list[dict[str, Any]]:
@@ -188,15 +195,15 @@ def redis_away(requests: int, rounds: int = 4) -> list[dict[str, Any]]:
                     targets[f"{name}, cooldown {cooldown} s"] = stack.enter_context(front)
             os.kill(frozen.pid, signal.SIGSTOP)  # after its servers are up: their /health never asks Redis
             try:
-                for _ in range(rounds):
-                    for name, target in targets.items():
+                for turn in range(rounds):
+                    for name, target in rotated(targets, turn):
                         cases.setdefault(name, []).extend(timed(target, misses()))
             finally:
                 os.kill(frozen.pid, signal.SIGCONT)
     finally:
         silent.close()
     base = percentile(cases["cache off"], 50)
-    return [summary(name, values, base) for name, values in cases.items()]
+    return [summary(name, cases[name], base) for name in targets]
 
 
 async def _load(url: str, concurrency: int, count: int) -> float:
