@@ -13,7 +13,8 @@ sequential keep-alive requests, non-streamed chat at temperature 0:
 - `--ray`: a local Ray (2 CPUs, loopback) with 2 replicas: start-up time, the memory (USS) of Ray's
   processes, the Serve proxy's hop against a direct server process, and throughput (16 clients at
   once) of 2 replicas, then 1, through the proxy against one direct process.
-Servers compared run at once and are measured in alternating rounds; the load average is recorded.
+Servers compared run at once and take requests in turn (one to each, then the next); the load average
+is recorded.
 Prints Markdown tables; writes the raw numbers to bench/results/bench_replicas.json.
 """
 
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,18 +136,30 @@ def summary(name: str, values: list[float], base: float | None = None) -> dict[s
     return row
 
 
-def rotated(targets: dict[str, str], turn: int) -> list[tuple[str, str]]:
-    """Each round starts with another server, so none is always measured first (or right after another)."""
-    items = list(targets.items())
-    shift = turn * len(items) // 4 % len(items)
-    return items[shift:] + items[:shift]
+def interleaved(targets: dict[str, str], make: Callable[[], dict[str, Any]], count: int) -> dict[str, list[float]]:
+    """Milliseconds per request for each server, `count` each, one request to each server in turn (each
+    turn starting with the next server): on a shared machine a burst of load hits every case alike."""
+    clients = {name: httpx.Client(base_url=url, timeout=60, trust_env=False) for name, url in targets.items()}
+    out: dict[str, list[float]] = {name: [] for name in targets}
+    names = list(targets)
+    try:
+        for client in clients.values():
+            client.get("/health")
+        for turn in range(count):
+            for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                start = time.perf_counter()
+                response = clients[name].post("/v1/chat/completions", json=make())
+                out[name].append((time.perf_counter() - start) * 1000)
+                assert response.status_code == 200, response.text
+    finally:
+        for client in clients.values():
+            client.close()
+    return out
 
 
-def hits(requests: int, rounds: int = 4) -> list[dict[str, Any]]:
-    """The three servers side by side, measured in alternating rounds: drift on a shared machine hits
-    each alike."""
-    same = [body("the same question")] * (requests // rounds)
-    cases: dict[str, list[float]] = {}
+def hits(requests: int) -> list[dict[str, Any]]:
+    """The three servers side by side, requests interleaved."""
+    same = [body("the same question")]
     with (
         redis_server() as (url, _),
         server() as memory,
@@ -156,19 +169,14 @@ def hits(requests: int, rounds: int = 4) -> list[dict[str, Any]]:
         targets = {"memory hit": memory, "Redis hit (no memory tier)": shared, "cache off (fake model computes)": off}
         for url_of in targets.values():
             timed(url_of, same[:1])  # the entry exists before any round
-        for turn in range(rounds):
-            for name, target in rotated(targets, turn):
-                cases.setdefault(name, []).extend(timed(target, same))
+        cases = interleaved(targets, lambda: same[0], requests)
     return [summary(name, cases[name]) for name in targets]
 
 
-def redis_away(requests: int, rounds: int = 4) -> list[dict[str, Any]]:
-    """Misses (distinct requests) on servers that all run at once, measured in alternating rounds; each
-    row is compared with the cache off (the fake model computes every answer, no cache code runs)."""
+def redis_away(requests: int) -> list[dict[str, Any]]:
+    """Misses (distinct requests) on servers that all run at once, requests interleaved; each row is
+    compared with the cache off (the fake model computes every answer, no cache code runs)."""
     fresh = iter(range(10**9))
-
-    def misses() -> list[dict[str, Any]]:
-        return [body(f"question {next(fresh)}") for _ in range(requests // rounds)]
 
     silent = socket.socket()  # accepts (the kernel's backlog) and never answers
     silent.bind(("127.0.0.1", 0))
@@ -195,9 +203,7 @@ def redis_away(requests: int, rounds: int = 4) -> list[dict[str, Any]]:
                     targets[f"{name}, cooldown {cooldown} s"] = stack.enter_context(front)
             os.kill(frozen.pid, signal.SIGSTOP)  # after its servers are up: their /health never asks Redis
             try:
-                for turn in range(rounds):
-                    for name, target in rotated(targets, turn):
-                        cases.setdefault(name, []).extend(timed(target, misses()))
+                cases = interleaved(targets, lambda: body(f"question {next(fresh)}"), requests)
             finally:
                 os.kill(frozen.pid, signal.SIGCONT)
     finally:
@@ -264,12 +270,9 @@ def ray_hop(requests: int) -> dict[str, Any]:
     result["serve_up_s"] = time.monotonic() - start
     result["with_replicas_uss_mb"] = sum(p.memory_full_info().uss for p in me.children(recursive=True)) / 2**20
     plain = [{**body("hop"), "temperature": 0.5}] * requests  # never cached: the fake model answers each
-    via_serve: list[float] = []
-    direct: list[float] = []
     with server() as alone:
-        for _ in range(4):  # alternating rounds: drift on a shared machine hits both alike
-            via_serve += timed(url, plain[: requests // 4])
-            direct += timed(alone, plain[: requests // 4])
+        latency = interleaved({"serve": url, "direct": alone}, lambda: plain[0], requests)
+        via_serve, direct = latency["serve"], latency["direct"]
         result["direct_p50_ms"] = percentile(direct, 50)
         result["serve_p50_ms"] = percentile(via_serve, 50)
         result["hop_p50_ms"] = result["serve_p50_ms"] - result["direct_p50_ms"]
@@ -359,7 +362,7 @@ def section(results: dict[str, Any]) -> str:
     parts = [
         "Fake models (`python -m tests.serve_fakes`), each server its own process, loopback, sequential "
         "keep-alive requests, non-streamed chat at temperature 0; servers compared run at once and are "
-        "measured in alternating rounds. `.venv/bin/python bench/bench_replicas.py --ray --write`. "
+        "take requests in turn (one to each, then again). `.venv/bin/python bench/bench_replicas.py --ray --write`. "
         f"Load average (1 min) at each stage: {loads(results)}.",
         table(targets(results), [("row", "row"), ("target", "target"), ("measured", "measured"), ("verdict", "")]),
         "Cache hits (the same request; Redis hits with `CACHE_MAX_SIZE=0`, so every lookup goes there):",
