@@ -361,7 +361,7 @@ def section(results: dict[str, Any]) -> str:
     columns = [("case", "case"), ("p50", "p50 ms"), ("p99", "p99 ms"), ("max", "max ms")]
     parts = [
         "Fake models (`python -m tests.serve_fakes`), each server its own process, loopback, sequential "
-        "keep-alive requests, non-streamed chat at temperature 0; servers compared run at once and are "
+        "keep-alive requests, non-streamed chat at temperature 0; servers compared run at once and "
         "take requests in turn (one to each, then again). `.venv/bin/python bench/bench_replicas.py --ray --write`. "
         f"Load average (1 min) at each stage: {loads(results)}.",
         table(targets(results), [("row", "row"), ("target", "target"), ("measured", "measured"), ("verdict", "")]),
