@@ -1,7 +1,7 @@
 """llmservice on Ray Serve: N replicas of the service's own app behind Serve's HTTP proxy.
 
     serve run scale.ray_serve:build replicas=2 env_file=.env
-    serve run scale.ray_serve:build replicas=auto max_replicas=4
+    serve run scale.ray_serve:build replicas=auto max_replicas=4 target_ongoing_requests=8
 
 (README "Replicas: Redis and Ray Serve" has the whole recipe.) Each replica builds the whole service
 with `create_app` (when Serve starts it, not at import), so it has its own tiers, owner threads and
@@ -126,10 +126,14 @@ def deployment(
     factories: str = "",
     min_replicas: int = 1,
     max_replicas: int = 4,
+    target_ongoing_requests: float = TARGET_ONGOING_REQUESTS,
+    upscale_delay_s: float | None = None,
+    downscale_delay_s: float | None = None,
     num_cpus: float = 1.0,
 ) -> Application:
-    """The bound application: `replicas` copies, or autoscaling between min and max when None.
-    `env` holds settings as a .env file would (the replicas' real environment wins)."""
+    """The bound application: `replicas` copies, or autoscaling between min and max when None (delays
+    left out keep Serve's defaults). `env` holds settings as a .env file would (the replicas' real
+    environment wins)."""
     settings = load_settings({**(env or {}), **os.environ})  # checked here: a bad value fails `serve run` at once
     options: dict[str, Any] = {
         "name": "llmservice",
@@ -138,11 +142,13 @@ def deployment(
         "ray_actor_options": {"num_cpus": num_cpus},
     }
     if replicas is None:
-        options["autoscaling_config"] = {
+        autoscaling: dict[str, float] = {
             "min_replicas": min_replicas,
             "max_replicas": max_replicas,
-            "target_ongoing_requests": TARGET_ONGOING_REQUESTS,
+            "target_ongoing_requests": target_ongoing_requests,
         }
+        delays = {"upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s}
+        options["autoscaling_config"] = autoscaling | {k: v for k, v in delays.items() if v is not None}
     else:
         options["num_replicas"] = replicas
     return serve.deployment(LLMService).options(**options).bind(dict(env or {}), factories)
@@ -150,14 +156,18 @@ def deployment(
 
 def build(args: dict[str, str]) -> Application:
     """`serve run scale.ray_serve:build replicas=2 env_file=.env` (or `replicas=auto min_replicas=1
-    max_replicas=4`; `num_cpus` per replica)."""
+    max_replicas=4 target_ongoing_requests=8`, optionally `upscale_delay_s` and `downscale_delay_s`;
+    `num_cpus` per replica)."""
     replicas = args.get("replicas", "2")
     env_file = args.get("env_file", ".env")
     env = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if os.path.isfile(env_file) else {}
+    delays = {name: float(args[name]) for name in ("upscale_delay_s", "downscale_delay_s") if name in args}
     return deployment(
         None if replicas == "auto" else int(replicas),
         env=env,
         min_replicas=int(args.get("min_replicas", "1")),
         max_replicas=int(args.get("max_replicas", "4")),
+        target_ongoing_requests=float(args.get("target_ongoing_requests", str(TARGET_ONGOING_REQUESTS))),
         num_cpus=float(args.get("num_cpus", "1")),
+        **delays,
     )

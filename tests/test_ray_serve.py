@@ -194,3 +194,25 @@ def test_every_ray_socket_is_on_loopback(cluster: Cluster) -> None:
 def test_shutdown_leaves_no_ray_process(cluster: Cluster) -> None:
     cluster.shutdown()
     wait_for(lambda: not [pid for pid in cluster.pids if psutil.pid_exists(pid)], "Ray's processes exiting", 60)
+
+
+# ---------------------------------------------------------------- arguments of `serve run scale.ray_serve:build`
+
+
+def test_build_passes_autoscaling_arguments_to_serve(tmp_path: Path) -> None:
+    """What `serve run scale.ray_serve:build replicas=auto ...` hands Serve (binding needs no cluster)."""
+    from scale.ray_serve import build
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("DRAIN_TIMEOUT=12\n")
+    args = {"replicas": "auto", "min_replicas": "2", "max_replicas": "6", "target_ongoing_requests": "4"}
+    app = build({**args, "downscale_delay_s": "60", "env_file": str(env_file)})
+    config = app._bound_deployment._deployment_config  # Serve keeps the options here (no public reader)
+    scaling = config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (2, 6, 4.0)
+    assert scaling.downscale_delay_s == 60.0
+    assert scaling.upscale_delay_s == type(scaling)().upscale_delay_s  # not given: Serve's default
+    assert config.graceful_shutdown_timeout_s == 12.0  # scale-down drains for DRAIN_TIMEOUT, from env_file
+
+    fixed = build({"replicas": "3", "env_file": str(tmp_path / "missing.env")})._bound_deployment
+    assert fixed.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
