@@ -14,7 +14,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from api import sessions
+from api import images, sessions
 from api.cache_lookup import cache_directives
 from api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from api.sse import (
@@ -31,7 +31,7 @@ from api.sse import (
 from api.state import app_state
 from chat import structured_output, tools
 from chat.recording import CachePolicy
-from chat.turn import open_turn
+from chat.turn import open_turn, require_image_support
 from config import TierConfig
 from core import routing
 from core.errors import InvalidRequest, ServiceError
@@ -156,6 +156,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     schemas = body.tools or body.response_format
     turn_request = await asyncio.to_thread(chat_turn_request, body) if schemas else chat_turn_request(body)
     resolution, tier = resolve(request, body.model)
+    if images.has_images(body):
+        if body.session_id or request.headers.get(sessions.SESSION_HEADER):
+            raise InvalidRequest("Images are not supported on a session: send the whole conversation", param="messages")
+        require_image_support(tier)  # before any image is fetched or decoded
+        turn_request = await images.attach_images(body, turn_request, app_state(request).settings)
 
     async def begin(full: ChatCompletionRequest) -> Turn:  # `body`, or a session's history plus body's messages
         return await start(request, tier, "chat.completions", turn_request if full is body else chat_turn_request(full))
