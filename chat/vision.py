@@ -165,14 +165,16 @@ class Projector:
         vision tower and projected into the text model's embeddings."""
         import llama_cpp
 
-        new_n_past = llama_cpp.llama_pos(0)
+        # For a text chunk the helper adds to *new_n_past instead of setting it: start it at n_past.
+        new_n_past = llama_cpp.llama_pos(n_past)
         rc = self._mtmd.mtmd_helper_eval_chunk_single(
             self._ctx, lctx, piece.chunk, n_past, seq_id, n_batch, False, ctypes.byref(new_n_past)
         )
         if rc != 0:
             raise BackendError(f"The model failed to prefill a prompt with images (mtmd status {rc})")
         if new_n_past.value != n_past + len(piece.tokens):
-            raise BackendError("The projector placed an image on more positions than it has embeddings")
+            placed = new_n_past.value - n_past
+            raise BackendError(f"The projector placed {len(piece.tokens)} tokens on {placed} positions")
 
 
 def _bitmap(m: Any, image: ImageInput) -> Any:
