@@ -158,7 +158,9 @@ class LlamaCppChat:
         self._bos_text = self._token_text(self._model.token_bos()) if self._model.add_bos_token() else ""
         self._eos_text = self._token_text(self._model.token_eos())
         self._vision = (
-            vision.Projector(tier.mmproj, self._model.model, threads, tier.n_gpu_layers != 0) if tier.mmproj else None
+            vision.Projector(tier.name, tier.mmproj, self._model.model, threads, tier.n_gpu_layers != 0)
+            if tier.mmproj
+            else None
         )
         self.accepts_images = self._vision is not None
         log.info(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chat.templates import Segment
-from core.errors import BackendError, InvalidRequest
+from core.errors import BackendError, InvalidRequest, ModelUnavailable
 from core.turns import ImageInput
 
 log = logging.getLogger("llmservice.vision")
@@ -61,7 +61,7 @@ class MtmdPrompt:
 class Projector:
     """The mtmd context of one llama.cpp model. Loaded and used on the model's owner thread (but `prompt`)."""
 
-    def __init__(self, path: str, model: Any, threads: int, use_gpu: bool) -> None:
+    def __init__(self, tier: str, path: str, model: Any, threads: int, use_gpu: bool) -> None:
         from llama_cpp import mtmd_cpp
         from llama_cpp._logger import llama_log_callback
 
@@ -75,16 +75,19 @@ class Projector:
         params.print_timings = False
         params.warmup = False
         self._ctx = mtmd_cpp.mtmd_init_from_file(path.encode(), model, params)
+        problem = ""
         if not self._ctx:
-            raise ValueError(f"{path} is not a multimodal projector this llama.cpp loads for this model (see the log)")
-        if not mtmd_cpp.mtmd_support_vision(self._ctx):
-            self.close()
-            raise ValueError(f"{path} is a projector without a vision encoder")
-        if mtmd_cpp.mtmd_decode_use_mrope(self._ctx):
+            problem = "not a projector llama.cpp loads, or one made for another model"
+        elif not mtmd_cpp.mtmd_support_vision(self._ctx):
+            problem = "a projector without a vision encoder"
+        elif mtmd_cpp.mtmd_decode_use_mrope(self._ctx):
             # M-RoPE models (Qwen2-VL family) place image embeddings on a 2-D grid of positions, which the
             # engine's one-position-per-token batches cannot express yet.
+            problem = "a projector with M-RoPE positions (Qwen2-VL family), not supported yet"
+        if problem:
             self.close()
-            raise ValueError(f"{path}: projectors with M-RoPE positions (Qwen2-VL family) are not supported yet")
+            log.error("the %s tier's MMPROJ %s is %s", tier, path, problem)
+            raise ModelUnavailable(f"The {tier} tier's multimodal projector (MMPROJ) is {problem}")
 
     def close(self) -> None:
         if self._ctx:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from chat.llama_engine import LlamaCppChat
 from chat.vision import IMAGE_PLACEHOLDER
+from core.errors import ModelUnavailable
 from core.protocols import GenerationJob, SamplingParams
 from core.turns import ImageInput
 from server import create_app
@@ -181,3 +182,9 @@ def test_an_undecodable_image_is_a_400_and_the_tier_keeps_serving(server: LiveSe
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages.0.content"
     good = httpx.post(server.url + "/v1/chat/completions", json=image_chat(png(4, 4, (5, 5, 5))), timeout=DEADLINE_S)
     assert good.status_code == 200
+
+
+def test_a_projector_made_for_another_model_is_refused_at_load(gemma_path: str, tmp_path: Path) -> None:
+    wrong = write_mmproj(tmp_path / "mmproj-320.gguf", 320)  # its embeddings would not fit Gemma's 640
+    with pytest.raises(ModelUnavailable, match="MMPROJ"):
+        LlamaCppChat(real_settings(vision_env(wrong)).tiers["light"], gemma_path)
