@@ -157,10 +157,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     turn_request = await asyncio.to_thread(chat_turn_request, body) if schemas else chat_turn_request(body)
     resolution, tier = resolve(request, body.model)
     if images.has_images(body):
-        if body.session_id or request.headers.get(sessions.SESSION_HEADER):
-            raise InvalidRequest("Images are not supported on a session: send the whole conversation", param="messages")
-        require_image_support(tier)  # before any image is fetched or decoded
-        turn_request = await images.attach_images(body, turn_request, app_state(request).settings)
+        turn_request = await _with_images(request, body, tier, turn_request)
 
     async def begin(full: ChatCompletionRequest) -> Turn:  # `body`, or a session's history plus body's messages
         return await start(request, tier, "chat.completions", turn_request if full is body else chat_turn_request(full))
@@ -179,6 +176,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         "usage": usage_of(turn, results),
     }
     return JSONResponse(payload, headers={**headers, **timing_headers(turn, results)})
+
+
+async def _with_images(
+    request: Request, body: ChatCompletionRequest, tier: TierConfig, turn: TurnRequest
+) -> TurnRequest:
+    if body.session_id or request.headers.get(sessions.SESSION_HEADER):
+        raise InvalidRequest("Images are not supported on a session: send the whole conversation", param="messages")
+    require_image_support(tier)  # before any image is fetched or decoded
+    return await images.attach_images(body, turn, app_state(request).settings)
 
 
 def chat_choice(index: int, result: ChoiceResult) -> JsonObject:

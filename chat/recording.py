@@ -73,7 +73,7 @@ def _images_by_digest(wire: JsonObject, request: TurnRequest) -> JsonObject:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(message, dict) and isinstance(content, list):
             parts = [
-                {**part, "image_url": {"sha256": next(digests, "")}}
+                {**part, "image_url": {"sha256": next(digests, ""), "detail": _detail(part)}}
                 if isinstance(part, dict) and part.get("type") == "image_url"
                 else part
                 for part in content
@@ -81,6 +81,11 @@ def _images_by_digest(wire: JsonObject, request: TurnRequest) -> JsonObject:
             message = {**message, "content": parts}
         messages.append(message)
     return {**wire, "messages": messages}
+
+
+def _detail(part: dict[str, JsonValue]) -> JsonValue:
+    url = part.get("image_url")
+    return url.get("detail") if isinstance(url, dict) else None
 
 
 def _well_formed(value: object) -> bool:
