@@ -207,13 +207,18 @@ def model_identity(config: TierConfig) -> dict[str, Any]:
         and f.name != "model_path"
         and not (f.name in _KEYED_SINCE_V1 and getattr(config, f.name) == f.default)
     }
+    if config.mmproj:  # the projector is part of the model: a new file answers images differently
+        try:
+            settings["mmproj"] = [config.mmproj, *_file_stamp(Path(config.mmproj))]
+        except OSError:
+            settings["mmproj"] = [config.mmproj, "missing"]
     return {"path": path, "files": files, "settings": settings}
 
 
 # Keyed settings added after SCHEMA_VERSION 1: part of the identity only when they differ from their
 # default, so the entries of a tier that does not use them keep their keys across upgrades
 # (tests/test_cache.py pins two keys). A new keyed tier setting belongs here.
-_KEYED_SINCE_V1 = frozenset({"upstreams", "upstream_model", "beam_size", "compute_type"})
+_KEYED_SINCE_V1 = frozenset({"upstreams", "upstream_model", "beam_size", "compute_type", "mmproj"})
 
 
 def digest(parts: Mapping[str, Any]) -> str:

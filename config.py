@@ -186,6 +186,13 @@ TIER_KEYS: tuple[TierKey, ...] = (
     TierKey("upstream_health_path", "str", "/health", "upstream health route, beside its /v1", cache_key=False),
     TierKey("chat_format", "lower", "", "a built-in template (gemma, chatml, llama3, ...)", cache_key=True),
     TierKey("chat_template", "str", "", "a Jinja template, inline or a file path", cache_key=True),
+    TierKey(
+        "mmproj",
+        "path",
+        "",
+        "llama.cpp: a multimodal projector GGUF (images in chat); empty = text only",
+        cache_key=True,
+    ),
     TierKey("max_documents", "int", 1000, "documents per rerank request", minimum=1, cache_key=False),
     TierKey("batch_wait_ms", "float", 5.0, "micro-batching: gather requests this long", minimum=0.0, cache_key=False),
     TierKey("max_batch", "int", 64, "micro-batching: ... or until this many inputs", minimum=1, cache_key=False),
@@ -224,6 +231,12 @@ SERVER_KEYS: tuple[Key, ...] = (
     Key("strict_tiers", "bool", False, "an unconfigured chat tier is a 404, not a fallback"),
     Key("port_file", "str", ".port", "where the real port is written", blank_is_default=True),
     Key("max_body_bytes", "int", 8 * 1024 * 1024, "larger request bodies get 413", minimum=1024),
+    # Images in chat (api/images.py): fetching any URL a client names would let it probe the server's network.
+    Key("image_url_hosts", "list", (), "hosts whose http(s) image URLs the server fetches; empty = data: URIs only"),
+    Key("max_images", "int", 8, "images per chat request", minimum=0),
+    Key("max_image_bytes", "int", 10 * 1024 * 1024, "bytes of one image (decoded or fetched)", minimum=1024),
+    Key("max_image_pixels", "int", 4096 * 4096, "width x height of one image", minimum=1),
+    Key("image_fetch_timeout", "float", 10.0, "seconds to fetch one image URL", minimum=0.1),
     Key("header_timeout", "float", 10.0, "seconds a client gets to send a request's headers", minimum=0.1),
     Key(
         "sessions_ttl_seconds",
@@ -310,6 +323,7 @@ class TierConfig:
     upstream_health_path: str = _tier_default("upstream_health_path")
     chat_format: str = _tier_default("chat_format")
     chat_template: str = _tier_default("chat_template")
+    mmproj: str = _tier_default("mmproj")
     max_documents: int = _tier_default("max_documents")
     batch_wait_ms: float = _tier_default("batch_wait_ms")
     max_batch: int = _tier_default("max_batch")
@@ -378,6 +392,11 @@ class Settings:
     strict_tiers: bool = _server_default("strict_tiers")
     port_file: str = _server_default("port_file")
     max_body_bytes: int = _server_default("max_body_bytes")
+    image_url_hosts: tuple[str, ...] = _server_default("image_url_hosts")
+    max_images: int = _server_default("max_images")
+    max_image_bytes: int = _server_default("max_image_bytes")
+    max_image_pixels: int = _server_default("max_image_pixels")
+    image_fetch_timeout: float = _server_default("image_fetch_timeout")
     header_timeout: float = _server_default("header_timeout")
     sessions_ttl_seconds: float = _server_default("sessions_ttl_seconds")
     sessions_max: int = _server_default("sessions_max")

@@ -14,7 +14,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from api import sessions
+from api import images, sessions
 from api.cache_lookup import cache_directives
 from api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from api.sse import (
@@ -31,7 +31,7 @@ from api.sse import (
 from api.state import app_state
 from chat import structured_output, tools
 from chat.recording import CachePolicy
-from chat.turn import open_turn
+from chat.turn import open_turn, require_image_support
 from config import TierConfig
 from core import routing
 from core.errors import InvalidRequest, ServiceError
@@ -158,6 +158,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     schemas = body.tools or body.response_format
     turn_request = await asyncio.to_thread(chat_turn_request, body) if schemas else chat_turn_request(body)
     resolution, tier = resolve(request, body.model)
+    if images.has_images(body):
+        turn_request = await _with_images(request, body, tier, turn_request)
 
     async def begin(full: ChatCompletionRequest) -> Turn:  # `body`, or a session's history plus body's messages
         return await start(request, tier, "chat.completions", turn_request if full is body else chat_turn_request(full))
@@ -178,6 +180,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     # Headers again: a whole answer may have moved to another upstream (X-Upstream) while it was read.
     headers = response_headers(resolution, turn) | session_headers
     return JSONResponse(payload, headers={**headers, **timing_headers(turn, results)})
+
+
+async def _with_images(
+    request: Request, body: ChatCompletionRequest, tier: TierConfig, turn: TurnRequest
+) -> TurnRequest:
+    if body.session_id or request.headers.get(sessions.SESSION_HEADER):
+        raise InvalidRequest("Images are not supported on a session: send the whole conversation", param="messages")
+    require_image_support(tier)  # before any image is fetched or decoded
+    return await images.attach_images(body, turn, app_state(request).settings)
 
 
 def chat_choice(index: int, result: ChoiceResult) -> JsonObject:

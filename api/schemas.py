@@ -102,10 +102,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_IMAGE_URL_CHARS = 64 * 1024 * 1024  # a base64 data URI; MAX_BODY_BYTES and MAX_IMAGE_BYTES bound it first
+
+
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    url: str = Field(min_length=1, max_length=MAX_IMAGE_URL_CHARS)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: str
     text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    image_url: ImageUrl | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_as_string(cls, data: object) -> object:
+        # Some clients send `"image_url": "<url>"` rather than OpenAI's object.
+        if isinstance(data, dict) and isinstance(data.get("image_url"), str):
+            return {**data, "image_url": {"url": data["image_url"]}}
+        return data
 
 
 class ToolCallFunction(BaseModel):
@@ -136,9 +154,17 @@ class ChatMessage(BaseModel):
             raise ValueError(f"message content is longer than {MAX_TEXT_CHARS} characters")
         if isinstance(value, list):
             for part in value:
-                if part.type not in ("text", "input_text"):
-                    raise ValueError(f"content part type {part.type!r} is not supported (only text)")
+                if part.type == "image_url" and part.image_url is None:
+                    raise ValueError("an image_url content part needs an image_url object with a url")
+                if part.type not in ("text", "input_text", "image_url"):
+                    raise ValueError(f"content part type {part.type!r} is not supported (only text and image_url)")
         return value
+
+    def images(self) -> list[ImageUrl]:
+        """The image parts' URLs, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [part.image_url for part in self.content if part.type == "image_url" and part.image_url is not None]
 
     def text(self) -> str:
         """The content as plain text (text parts joined)."""
@@ -146,7 +172,13 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text or "" for part in self.content)
+        return "".join(part.text or "" for part in self.content if part.type != "image_url")
+
+    def text_with_images(self, marker: str) -> str:
+        """The content as text with `marker` where each image goes."""
+        if not isinstance(self.content, list):
+            return self.text()
+        return "".join(marker if part.type == "image_url" else part.text or "" for part in self.content)
 
 
 class FunctionDef(BaseModel):

@@ -37,12 +37,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from chat import structured_output, templates
+from chat import structured_output, templates, vision
 from chat.ngram_draft import NgramDrafter
 from config import TierConfig
 from core.errors import BackendError, InvalidRequest
 from core.protocols import GenerationJob, SamplingParams, StepOutput, check_token_ids
-from core.turns import Message
+from core.turns import ImageInput, Message
 
 log = logging.getLogger("llmservice.llamacpp")
 PENALTY_WINDOW = 64  # tokens of history the repetition penalties look at
@@ -89,6 +89,7 @@ class _Sequence:
     copied_tokens: int = 0  # ... of which copied from another sequence's KV
     waiting: bool = False  # another sequence is prefilling a longer prefix of this prompt: copy it, then go on
     drafter: NgramDrafter | None = None  # prompt-lookup guesses (SPECULATIVE=ngram, free-form output only)
+    image_tokens: int = 0  # image embeddings decoded into its KV (chat/vision.py)
 
 
 @dataclass
@@ -167,6 +168,12 @@ class LlamaCppChat:
         )
         self._bos_text = self._token_text(self._model.token_bos()) if self._model.add_bos_token() else ""
         self._eos_text = self._token_text(self._model.token_eos())
+        self._vision = (
+            vision.Projector(tier.name, tier.mmproj, self._model.model, threads, tier.n_gpu_layers != 0)
+            if tier.mmproj
+            else None
+        )
+        self.accepts_images = self._vision is not None
         log.info(
             "llama.cpp model %s: arch=%s ctx/seq=%d parallel=%d threads=%d",
             os.path.basename(path),
@@ -201,6 +208,16 @@ class LlamaCppChat:
         for i, (text, special) in enumerate(segments):
             tokens += self._model.tokenize(text.encode("utf-8"), add_bos=add_bos and i == 0, special=special)
         return tokens
+
+    def media_prompt(self, messages: Sequence[Message], images: Sequence[ImageInput], marker: str) -> vision.MtmdPrompt:
+        if self._vision is None:
+            raise InvalidRequest("This model reads no images (its tier has no MMPROJ)", param="messages")
+        segments = templates.render_segments(
+            self._template, messages, bos_token=self._bos_text, eos_token=self._eos_text
+        )
+        first = segments[0][0] if segments else ""
+        add_bos = self._model.add_bos_token() and not (self._bos_text and first.startswith(self._bos_text))
+        return self._vision.prompt(segments, images, marker, add_bos)
 
     def _piece_bytes(self, token: int) -> bytes:
         n = self._lib.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
@@ -280,12 +297,15 @@ class LlamaCppChat:
         if not free:
             raise BackendError("no free sequence slot")
         prompt = job.prompt_tokens
-        check_token_ids(prompt, self._n_vocab)  # an unknown id would fail the whole batch's decode
+        media = job.media if isinstance(job.media, vision.MtmdPrompt) else None
+        if media is None:
+            check_token_ids(prompt, self._n_vocab)  # an unknown id would fail the whole batch's decode
         matcher = self._make_matcher(job.params)  # both may refuse the request: before any KV change
         sampler = self._make_sampler(job.params)
         slot = self._destination(free, prompt)
         # The last prompt token is always decoded: its logits give the first sampled token.
-        keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1) if self._prefix_reuse else 0
+        reuse = self._prefix_reuse and media is None  # a KV prefix never stands for an image
+        keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1) if reuse else 0
         keep = self._trim(slot, keep)
         slot.busy = True
         slot.used_at = next(self._clock)
@@ -302,8 +322,26 @@ class LlamaCppChat:
             state.drafter = NgramDrafter(prompt, self._draft_max)
         job.state = state
         self._sequences[id(job)] = state
-        if self._prefix_reuse:
+        if media is not None:
+            self._prefill_media(state, media)
+        elif self._prefix_reuse:
             self._borrow(state)
+
+    def _prefill_media(self, state: _Sequence, media: vision.MtmdPrompt) -> None:
+        """A prompt with images goes in up to its last text now, between two batches: mtmd's helper decodes
+        each text chunk and each image's embeddings into the sequence. The last text is prefilled in the
+        shared batches like any prompt's, and its logits give the first token."""
+        assert self._vision is not None
+        try:
+            for piece in media.pieces[:-1]:
+                self._vision.eval_piece(self._ctx.ctx, piece, len(state.slot.cached), state.slot.seq_id, self._n_batch)
+                state.slot.cached.extend(piece.tokens)
+                state.image_tokens += len(piece.tokens) if piece.image else 0
+        except BaseException:
+            self.remove(state.job)
+            self._trim(state.slot, 0)
+            raise
+        state.pending = list(media.pieces[-1].tokens)
 
     def _destination(self, free: list[_Slot], prompt: Sequence[int]) -> _Slot:
         """First the free slot that keeps the busy ones consecutive: with one KV stream per sequence llama.cpp
@@ -365,6 +403,8 @@ class LlamaCppChat:
             return
         state.slot.busy = False  # its KV stays for prefix reuse; the next insert trims it
         self._lib.llama_sampler_free(state.sampler)
+        if job.media is not None:
+            job.media.close()
 
     def _add(self, index: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         batch = self._batch
@@ -538,9 +578,23 @@ class LlamaCppChat:
         state = job.state
         return state.copied_tokens if isinstance(state, _Sequence) else 0
 
+    def image_tokens(self, job: GenerationJob) -> int:
+        """Image embeddings decoded into the job's sequence."""
+        state = job.state
+        return state.image_tokens if isinstance(state, _Sequence) else 0
+
+    def kv_positions(self, job: GenerationJob) -> int:
+        """Positions the job's sequence holds in the KV cache (its n_past)."""
+        state = job.state
+        if not isinstance(state, _Sequence):
+            return 0
+        return int(self._lib.llama_memory_seq_pos_max(self._memory, state.slot.seq_id)) + 1
+
     def close(self) -> None:
         for state in list(self._sequences.values()):
             self.remove(state.job)
+        if self._vision is not None:
+            self._vision.close()
         if self._batch is not None:
             self._lib.llama_batch_free(self._batch)
             self._batch = None

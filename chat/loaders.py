@@ -27,9 +27,12 @@ def load_llamacpp_chat(tier: TierConfig, settings: Settings) -> ChatModel:
 
 
 def load_mlx_chat(tier: TierConfig, settings: Settings) -> ChatModel:
+    from chat import mlx_vision
     from chat.mlx_engine import MlxChat
 
     path = resolve_model_path(tier.model_path)
     if not Path(path).is_dir():
         raise ModelUnavailable(f"The {tier.name} tier's model folder does not exist")
+    if mlx_vision.is_vision_folder(path):  # a vision-language model: mlx-vlm, not mlx-lm
+        return mlx_vision.MlxVisionChat(tier, path)
     return MlxChat(tier, path)

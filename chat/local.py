@@ -16,7 +16,7 @@ from chat.scheduler import ChatScheduler
 from config import TierConfig
 from core.errors import ContextLengthExceeded, InvalidRequest, RequestCancelled
 from core.events import DoneEvent, EngineEvent, ErrorEvent, Event, TextEvent
-from core.protocols import ChatModel, GenerationJob, SamplingParams, check_token_ids
+from core.protocols import ChatModel, GenerationJob, MediaPrompt, SamplingParams, VisionChatModel, check_token_ids
 from core.turns import Choice, Prompt, SamplingRequest, Turn, TurnRequest
 
 STOPPED_BY_SERVER = "The request was stopped by the server (tier unloaded or shutting down)"
@@ -40,6 +40,8 @@ class LocalChat:
         if request.wire.get("logprobs"):
             raise InvalidRequest("logprobs are not supported by local tiers", param="logprobs")
         model: ChatModel = self.scheduler.model
+        if request.images:
+            return await self._start_media_turn(model, request)
         if request.kind == "chat":
             messages = tools.prepare_messages(request.messages, request.tools)
             prompts = [await asyncio.to_thread(model.chat_tokens, messages)]
@@ -65,6 +67,30 @@ class LocalChat:
             raise
         return Turn(choices, counted)
 
+    async def _start_media_turn(self, model: ChatModel, request: TurnRequest) -> Turn:
+        """A chat turn with images: each choice gets its own prompt from the model (its images prepared for its
+        projector), carried to the engine by the job. A prompt that never runs is freed when collected."""
+        if not (isinstance(model, VisionChatModel) and model.accepts_images):
+            raise InvalidRequest(f"The {self.tier.name} tier does not accept images: its model is text only")
+        messages = tools.prepare_messages(request.messages, request.tools)
+        marker = request.image_marker
+        media = [
+            await asyncio.to_thread(model.media_prompt, messages, request.images, marker) for _ in range(request.n)
+        ]
+        room = check_context(len(media[0].tokens), model.context_length)
+        params = sampling_params(request.sampling, self.tier, room)
+        if request.json_schema is not None:
+            params = replace(params, json_schema=structured_output.canonical(request.json_schema))
+        choices: list[Choice] = []
+        try:
+            for index, prompt in enumerate(media):
+                choices.append(LocalChoice.submit(self.scheduler, prompt.tokens, _seeded(params, index), prompt))
+        except BaseException:
+            for choice in choices:
+                choice.cancel()
+            raise
+        return Turn(choices, len(media[0].tokens))
+
 
 def _tokenize_prompts(model: ChatModel, prompts: Sequence[Prompt]) -> list[list[int]]:
     return [model.tokenize(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -80,10 +106,12 @@ class LocalChoice:
         self.ended = False
 
     @classmethod
-    def submit(cls, scheduler: ChatScheduler, prompt: list[int], params: SamplingParams) -> LocalChoice:
+    def submit(
+        cls, scheduler: ChatScheduler, prompt: list[int], params: SamplingParams, media: MediaPrompt | None = None
+    ) -> LocalChoice:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        job = GenerationJob(prompt_tokens=prompt, params=params)
+        job = GenerationJob(prompt_tokens=prompt, params=params, media=media)
         scheduler.submit(job, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
         return cls(job, queue, scheduler)
 

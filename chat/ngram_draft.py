@@ -56,7 +56,9 @@ class NgramDrafter:
                     break
                 if at % _WIDTH == 0:  # a match across token boundaries is not a match
                     start = at // _WIDTH + n
-                    return history[start : start + limit].tolist()
+                    guess = history[start : start + limit].tolist()
+                    # An image's placeholder ids (negative) stand for embeddings: never guessed.
+                    return next((guess[:i] for i, token in enumerate(guess) if token < 0), guess)
                 end = at + len(pattern) - 1
         return []
 

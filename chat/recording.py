@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from cache import IGNORED_FIELDS, ResponseCache, is_deterministic, request_key
 from config import TierConfig
 from core.events import DoneEvent, Event, TextEvent
-from core.turns import Choice, JsonObject, Turn, TurnRequest
+from core.turns import Choice, JsonObject, JsonValue, Turn, TurnRequest
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ async def lookup(
     if cache is None or not cache.enabled or not is_deterministic(request.sampling) or _wants_logprobs(request):
         return Entry(cache)
     normalised = {k: v for k, v in request.wire.items() if k not in IGNORED_FIELDS}
+    if request.images:
+        normalised = _images_by_digest(normalised, request)
     key = request_key(endpoint, tier, normalised)
     if not policy.lookup:
         return Entry(cache, key, store=policy.store)
@@ -66,6 +68,30 @@ def _wants_logprobs(request: TurnRequest) -> bool:
     """An entry keeps text only: an answer with an upstream's logprobs could not be replayed whole."""
     asked = request.wire.get("logprobs")  # chat: true; completions: a count, 0 included
     return (asked is not None and asked is not False) or bool(request.wire.get("top_logprobs"))
+
+
+def _images_by_digest(wire: JsonObject, request: TurnRequest) -> JsonObject:
+    """The request with each image's URL replaced by the digest of its bytes: an http URL may serve other
+    bytes tomorrow, and the same image sent as a data URI or a URL is the same question."""
+    digests = iter(image.digest for image in request.images)
+    messages: list[JsonValue] = []
+    for message in wire.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(message, dict) and isinstance(content, list):
+            parts = [
+                {**part, "image_url": {"sha256": next(digests, ""), "detail": _detail(part)}}
+                if isinstance(part, dict) and part.get("type") == "image_url"
+                else part
+                for part in content
+            ]
+            message = {**message, "content": parts}
+        messages.append(message)
+    return {**wire, "messages": messages}
+
+
+def _detail(part: dict[str, JsonValue]) -> JsonValue:
+    url = part.get("image_url")
+    return url.get("detail") if isinstance(url, dict) else None
 
 
 def _well_formed(value: object) -> bool:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cache import ResponseCache
-from chat import recording, tools
+from chat import mlx_vision, recording, tools
 from config import TierConfig
-from core.errors import RequestTimeout
+from core.errors import InvalidRequest, RequestTimeout
 from core.events import ErrorEvent, Event
 from core.turns import ChatBackend, Choice, Turn, TurnRequest
 
@@ -37,6 +37,8 @@ async def open_turn(
     policy: recording.CachePolicy,
 ) -> Turn:
     """Start `request` on `tier` (or replay it from the cache). The caller must `aclose()` the turn."""
+    if request.images:
+        require_image_support(tier)
     entry = await recording.lookup(cache, endpoint, tier, request, policy)
     if entry.hit is not None:
         replayed = recording.replay(entry.hit)
@@ -60,6 +62,22 @@ async def open_turn(
     started.cache_status = entry.status
     started.closers.append(stack.aclose)
     return started
+
+
+def require_image_support(tier: TierConfig) -> None:
+    """A 400 naming the tier when its model reads no images (known from its configuration, nothing loaded)."""
+    if tier.backend == "remote":
+        return  # the upstream decides
+    if tier.backend == "llamacpp" and tier.mmproj:
+        return
+    if tier.backend == "mlx" and mlx_vision.is_vision_folder(tier.model_path):
+        return
+    hint = (
+        f"set {tier.name.upper()}_MMPROJ to its projector GGUF" if tier.backend == "llamacpp" else "use a vision model"
+    )
+    raise InvalidRequest(
+        f"The {tier.name} tier does not accept images: its model is text only ({hint})", param="messages"
+    )
 
 
 def _shaped(choices: Sequence[Choice], request: TurnRequest) -> list[Choice]:

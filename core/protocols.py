@@ -9,11 +9,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from config import Settings, TierConfig
 from core.errors import InvalidRequest, ServiceError
-from core.turns import ChatBackend, Message
+from core.turns import ChatBackend, ImageInput, Message
 
 # ---------------------------------------------------------------- chat
 
@@ -33,6 +33,17 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); -100 bans a token, +100 forces it
 
 
+class MediaPrompt(Protocol):
+    """A prompt holding images, prepared by the model that runs it (chat/vision.py for llama.cpp)."""
+
+    tokens: list[int]  # what the job's prompt_tokens hold: text tokens, one placeholder per image embedding
+    images: int
+
+    def close(self) -> None:
+        """Free its native memory (the images' preprocessed pixels)."""
+        ...
+
+
 @dataclass
 class GenerationJob:
     """One sequence to generate. The owner thread reads it; `cancelled` may be set from any thread."""
@@ -40,6 +51,7 @@ class GenerationJob:
     prompt_tokens: list[int]
     params: SamplingParams
     cancelled: threading.Event = field(default_factory=threading.Event)
+    media: MediaPrompt | None = None  # a prompt with images: the model prefills it (and frees it on remove)
     # Filled by the scheduler:
     completion_tokens: int = 0
     state: Any = None  # the backend's per-sequence state (slot, sampler, detokenizer)
@@ -93,6 +105,17 @@ class ChatModel(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class VisionChatModel(ChatModel, Protocol):
+    """A chat model that may read images; `accepts_images` says whether this one does (a projector is loaded)."""
+
+    accepts_images: bool
+
+    def media_prompt(self, messages: Sequence[Message], images: Sequence[ImageInput], marker: str) -> MediaPrompt:
+        """The conversation's prompt with each `marker` in the messages' text replaced by that image."""
+        ...
 
 
 def check_token_ids(tokens: Sequence[int], n_vocab: int) -> None:

@@ -62,6 +62,25 @@ Prompt = str | tuple[int, ...]
 
 
 @dataclass(frozen=True)
+class ImageInput:
+    """One image of a chat request, decoded and checked (api/images.py): its file bytes and their digest."""
+
+    data: bytes  # the image file as sent (PNG, JPEG, ...), base64 decoded or fetched
+    digest: str  # SHA-256 of `data`: the response cache keys the image by it
+    width: int
+    height: int
+
+    def rgb(self) -> bytes:
+        """The pixels as packed RGB rows (width * height * 3 bytes)."""
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.data)) as image:
+            return image.convert("RGB").tobytes()
+
+
+@dataclass(frozen=True)
 class TurnRequest:
     """One chat or completion request, independent of the wire format it came in."""
 
@@ -74,6 +93,8 @@ class TurnRequest:
     json_schema: JsonObject | None = None  # the output must follow it (response_format or a forced call)
     stream: bool = False  # a streamed turn shows text as it comes; a whole one may hold it back to parse calls
     wire: JsonObject = field(default_factory=dict)  # the request as sent (an upstream may take it as is)
+    images: tuple[ImageInput, ...] = ()  # chat: in order; each message's text holds `image_marker` where one goes
+    image_marker: str = ""  # a random string per request, so no text a client sends can pass for an image
 
 
 class Choice(Protocol):

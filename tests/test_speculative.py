@@ -53,6 +53,11 @@ def test_no_guess_without_a_repeated_ngram_and_none_across_token_boundaries() ->
     assert NgramDrafter([3, 3, 3], draft_max=8).propose(0) == []
 
 
+def test_image_placeholders_are_never_guessed() -> None:
+    assert NgramDrafter([5, 6, 8, -1, -1, 9, 5, 6], draft_max=8).propose(8) == [8]
+    assert NgramDrafter([5, 6, -1, -1, 9, 5, 6], draft_max=8).propose(8) == []
+
+
 def test_a_rejected_guess_pauses_guessing_and_longer_each_time() -> None:
     drafter = NgramDrafter([1, 2, 3, 1, 2, 3, 1, 2], draft_max=8)
     assert drafter.propose(8)
