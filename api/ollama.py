@@ -39,11 +39,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from fastapi.routing import APIRoute
 
 from api import chat as openai_chat
+from api import images
 from api import ollama_wire as wire
 from api.rag import Embedded, embed_texts
 from api.schemas import ChatCompletionRequest, CompletionRequest
 from api.sse import collect, disconnected, note
 from api.state import app_state
+from chat.turn import reads_images, require_image_support
 from config import Settings, TierConfig
 from core import routing
 from core.errors import Forbidden, ModelNotFound, ServiceError, WrongModelKind
@@ -192,6 +194,9 @@ async def _generate(
     else:
         turn_request, endpoint = openai_chat.completion_turn_request(openai), "completions"
     resolution, tier = openai_chat.resolve(request, model_name(body.model, "chat", app_state(request).settings))
+    if isinstance(openai, ChatCompletionRequest) and images.has_images(openai):
+        require_image_support(tier)  # before any image is decoded
+        turn_request = await images.attach_images(openai, turn_request, app_state(request).settings)
     finished = _keep_alive(request, tier.name, body.keep_alive)
     turn = await openai_chat.start(request, tier, endpoint, turn_request)
     headers = openai_chat.response_headers(resolution, turn)
@@ -394,10 +399,16 @@ async def show(request: Request) -> JSONResponse:
                 "llmservice.tier": tier.name,
                 "llmservice.backend": tier.backend,
             },
-            "capabilities": ["completion", "tools"] if chat else ["embedding"],
+            "capabilities": _capabilities(tier),
             "modified_at": _iso(state.started),
         }
     )
+
+
+def _capabilities(tier: TierConfig) -> list[str]:
+    if tier.kind != "chat":
+        return ["embedding"]
+    return ["completion", "tools", "vision"] if reads_images(tier) else ["completion", "tools"]
 
 
 @router.get("/version")

@@ -175,16 +175,20 @@ def response_format(value: Format) -> JsonObject | None:
     return {"type": "json_schema", "json_schema": {"name": "format", "schema": value}}
 
 
-def _no_images(images: list[str] | None, param: str) -> None:
-    if images:
-        raise InvalidRequest("Images are not supported: no tier here reads images", param=param)
+def _content(text: str, images: list[str] | None) -> str | list[JsonObject]:
+    """Ollama sends images as bare base64 beside the text; OpenAI's wire has them as data: URI parts, which
+    the vision path (api/images.py) decodes and checks, whatever the image's format."""
+    if not images:
+        return text
+    parts: list[JsonObject] = [{"type": "text", "text": text}] if text else []
+    parts += [{"type": "image_url", "image_url": {"url": f"data:image;base64,{image}"}} for image in images]
+    return parts
 
 
 def openai_messages(messages: list[Message]) -> list[JsonObject]:
     out: list[JsonObject] = []
     for index, message in enumerate(messages):
-        _no_images(message.images, f"messages.{index}.images")
-        entry: JsonObject = {"role": message.role, "content": message.content}
+        entry: JsonObject = {"role": message.role, "content": _content(message.content, message.images)}
         if message.tool_calls:
             entry["tool_calls"] = [
                 {
@@ -218,15 +222,16 @@ def chat_request(body: ChatBody) -> ChatCompletionRequest:
 def generate_request(body: GenerateBody) -> ChatCompletionRequest | CompletionRequest:
     """`raw` sends the prompt as is (a completion); otherwise it is the user turn of a chat, under
     `system` when given, so the tier's chat template applies as Ollama's template would."""
-    _no_images(body.images, "images")
     if body.suffix:
         raise InvalidRequest("suffix (fill-in-the-middle) is not supported", param="suffix")
     if body.raw:
         if body.format:
             raise InvalidRequest("format is supported only without raw", param="format")
+        if body.images:
+            raise InvalidRequest("images are supported only without raw (through the chat template)", param="images")
         return validated(CompletionRequest, {**_common(body), "prompt": body.prompt}, _OLLAMA_PARAM)
     messages: list[JsonObject] = [{"role": "system", "content": body.system}] if body.system else []
-    messages.append({"role": "user", "content": body.prompt})
+    messages.append({"role": "user", "content": _content(body.prompt, body.images)})
     return validated(ChatCompletionRequest, {**_common(body), "messages": messages}, _OLLAMA_PARAM)
 
 

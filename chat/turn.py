@@ -64,14 +64,17 @@ async def open_turn(
     return started
 
 
+def reads_images(tier: TierConfig) -> bool:
+    """Whether the tier's local model takes images, known from its configuration (nothing loaded)."""
+    if tier.backend == "llamacpp":
+        return bool(tier.mmproj)
+    return tier.backend == "mlx" and mlx_vision.is_vision_folder(tier.model_path)
+
+
 def require_image_support(tier: TierConfig) -> None:
     """A 400 naming the tier when its model reads no images (known from its configuration, nothing loaded)."""
-    if tier.backend == "remote":
-        return  # the upstream decides
-    if tier.backend == "llamacpp" and tier.mmproj:
-        return
-    if tier.backend == "mlx" and mlx_vision.is_vision_folder(tier.model_path):
-        return
+    if tier.backend == "remote" or reads_images(tier):
+        return  # a remote tier's upstream decides
     hint = (
         f"set {tier.name.upper()}_MMPROJ to its projector GGUF" if tier.backend == "llamacpp" else "use a vision model"
     )

@@ -121,7 +121,7 @@ def test_client_errors_carry_ollamas_error_string(sdk: ollama.Client) -> None:
     assert info.value.status_code == 404 and "does not exist" in str(info.value.error)
     with pytest.raises(ollama.ResponseError) as info:
         sdk.generate(model="light", prompt="x", images=[b"\x89PNG"])
-    assert info.value.status_code == 400 and "Images are not supported" in info.value.error
+    assert info.value.status_code == 400 and "The light tier does not accept images" in info.value.error
 
 
 def test_client_load_and_unload_with_keep_alive(sdk: ollama.Client, rag: RagRegistry) -> None:

@@ -152,6 +152,25 @@ def test_text_only_requests_are_unchanged(client: Any, registry: VisionRegistry)
     assert registry.models["light"].media == []
 
 
+def test_ollama_images_reach_the_model_through_chat_and_generate(client: Any) -> None:
+    image = png(5, 7)
+    encoded = base64.b64encode(image).decode()
+    message = {"role": "user", "content": "what is this?", "images": [encoded]}
+    chat = client.post("/api/chat", json={"model": "light", "messages": [message], "stream": False})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["message"]["content"] == f"echo: what is this?{tag(image, 5, 7)}"
+    body = {"model": "light", "prompt": "and this?", "images": [encoded], "stream": False}
+    generate = client.post("/api/generate", json=body)
+    assert generate.status_code == 200, generate.text
+    assert tag(image, 5, 7) in generate.json()["response"]
+    raw = client.post("/api/generate", json={**body, "raw": True})
+    assert raw.status_code == 400 and "without raw" in raw.json()["error"]
+    bad = client.post("/api/chat", json={"model": "light", "messages": [{**message, "images": ["bm90IGFuIGltYWdl"]}]})
+    assert bad.status_code == 400
+    assert "vision" in client.post("/api/show", json={"model": "light"}).json()["capabilities"]
+    assert "vision" not in client.post("/api/show", json={"model": "medium"}).json()["capabilities"]
+
+
 # ---------------------------------------------------------------- tiers that read no images
 
 
