@@ -46,6 +46,7 @@ from core.turns import ChatBackend
 from isolation.chat import IsolatedChat
 from isolation.models import isolated_batch_worker
 from isolation.supervisor import CrashReport, Restarts
+from model_slots import ChatSlots
 from models_admin.overrides import Overrides, OverrideStore
 
 if TYPE_CHECKING:  # imported by its factory, only when a tier is remote
@@ -205,6 +206,7 @@ class ModelManager:
         self._budget_lock = asyncio.Lock()
         self._freed = asyncio.Event()  # set when a lease ends or a tier unloads: memory may be free
         self._idle_task: asyncio.Task[None] | None = None
+        self.slots = ChatSlots(self, settings.max_loaded_chat_tiers)  # MAX_LOADED_CHAT_TIERS (model_slots.py)
 
     # ------------------------------------------------------------ status
 
@@ -252,6 +254,8 @@ class ModelManager:
             out["overrides"] = dict(self.overrides[tier])
         if tier in self._swapping:
             out["swapping"] = True
+        if self.slots.applies(rt):
+            out["waiting_to_load"] = sum(1 for w in self.slots.waiting if w.rt is rt)
         old = [t for t in self._retiring if t.config.name == tier]
         if old:
             out["retiring"] = [{"model": t.config.model_id, "in_flight": t.in_flight} for t in old]
@@ -413,6 +417,17 @@ class ModelManager:
                         retry_after=max(1, int(rt.config.queue_timeout) or 5),
                     )
 
+    def notify_freed(self) -> None:
+        self._freed.set()
+
+    async def wait_freed(self, timeout: float) -> bool:
+        """Wait (up to `timeout`) for a lease to end, a tier to unload or a load to finish."""
+        self._freed.clear()
+        return await self._wait_freed(timeout)
+
+    async def unload_runtime(self, rt: TierRuntime) -> None:
+        await self._unload(rt)
+
     async def _wait_freed(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self._freed.wait(), timeout)
@@ -443,12 +458,20 @@ class ModelManager:
 
     def _load_done(self, rt: TierRuntime, future: asyncio.Future[None]) -> None:
         rt.loading = None
+        self._freed.set()  # whoever waits for a tier to settle (model_slots.py) looks again
         if not future.cancelled() and future.exception() is not None:
             log.warning("tier %s was not loaded: %s", rt.config.name, future.exception())
 
     def preload(self) -> None:
-        """Start loading the tiers marked PRELOAD; warm the libraries of those that load on first use."""
+        """Start loading the tiers marked PRELOAD (no more chat tiers than MAX_LOADED_CHAT_TIERS); warm the
+        libraries of those that load on first use."""
+        room = self.slots.limit or len(self.tiers)
         for name, rt in self.tiers.items():
+            if rt.config.preload and self.slots.applies(rt):
+                room -= 1
+                if room < 0:
+                    log.info("tier %s is not preloaded: MAX_LOADED_CHAT_TIERS=%d", name, self.slots.limit)
+                    continue
             if rt.config.preload:
                 self.start_loading(name)
         modules = self.lazy_modules() if self.settings.warm_imports else []
@@ -473,7 +496,10 @@ class ModelManager:
         if self.closing:
             raise ShuttingDown("The server is shutting down", retry_after=5)
         rt = self._runtime_for(tier, config)
-        rt.in_flight += 1
+        if rt.drained is None and self.slots.applies(rt):
+            await self.slots.enter(rt)  # counts it in flight, after its turn when another tier must unload
+        else:
+            rt.in_flight += 1
         try:
             yield rt.worker if rt.drained is not None else await self.ensure_loaded(tier)
         finally:
