@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_llm import gemma_path, start_ours, stop  # noqa: E402
 from report import table, write_section  # noqa: E402
 
-MAX_TOKENS = 48
+MAX_TOKENS = 32
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -55,6 +56,14 @@ class Client(threading.Thread):
                 self.requests.append(stream_once(client, f"{PROMPT} ({self.index}.{n})"))
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the clients did not get there")
+        time.sleep(0.05)
+
+
 def stream_once(client: httpx.Client, content: str) -> dict[str, Any]:
     body = {
         "model": "light",
@@ -70,6 +79,7 @@ def stream_once(client: httpx.Client, content: str) -> dict[str, Any]:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
+            record["cut"] = record.get("cut", False) or "error" in event  # stopped by the server
             if event.get("choices") and event["choices"][0]["delta"].get("content"):
                 record["tokens"].append(time.perf_counter())
     return record
@@ -80,7 +90,7 @@ def round_once(url: str, new_path: str, clients: int, mode: str) -> dict[str, An
     threads = [Client(url, i, stop_at) for i in range(clients)]
     for thread in threads:
         thread.start()
-    time.sleep(5)  # the clients are streaming
+    wait_until(lambda: all(t.requests for t in threads))  # each client has finished one stream
     t0 = time.perf_counter()
     swapped = httpx.post(f"{url}/admin/tiers/light/model", json={"model_path": new_path}, timeout=600)
     done = time.perf_counter()
@@ -88,7 +98,7 @@ def round_once(url: str, new_path: str, clients: int, mode: str) -> dict[str, An
     if mode == "beside":
         with httpx.Client(base_url=url, timeout=600) as client:
             probe = stream_once(client, PROMPT)
-    time.sleep(5)
+    wait_until(lambda: all(any(r["sent"] > done for r in t.requests) for t in threads))  # one after it each
     stop_at.set()
     for thread in threads:
         thread.join(600)
@@ -99,7 +109,7 @@ def round_once(url: str, new_path: str, clients: int, mode: str) -> dict[str, An
     else:  # held at the gate while the old model drained: everything sent after the swap began
         held = [r["tokens"][0] for r in records if r["sent"] > t0 and r["tokens"] and r["tokens"][0] > done]
         first_new = min(held) - t0
-    tokens = sorted(t for r in records for t in r["tokens"] if t0 - 5 < t)
+    tokens = sorted(t for r in records for t in r["tokens"])
     gaps = [b - a for a, b in zip(tokens, tokens[1:], strict=False)]
     steady = [b - a for a, b in zip(tokens, tokens[1:], strict=False) if b < t0]
     return {
@@ -110,6 +120,7 @@ def round_once(url: str, new_path: str, clients: int, mode: str) -> dict[str, An
         "steady_gap_ms": round(1000 * statistics.median(steady), 1) if steady else "",
         "requests": len(records),
         "refused": sum(1 for r in records if r["status"] != 200),
+        "cut": sum(1 for r in records if r.get("cut")),
         "load_1m": round(os.getloadavg()[0], 1),
     }
 
@@ -120,7 +131,13 @@ def run_mode(path: str, clients: int, rounds: int, mode: str) -> list[dict[str, 
     for name in names:
         os.link(path, name)  # one file, two model names: a real swap of the same weights
     size_gb = Path(path).stat().st_size / 1024**3
-    extra = {"LIGHT_PRELOAD": "true", "MODELS_DIR": str(folder), "PERSIST_TIER_CHANGES": "false"}
+    # DRAIN_TIMEOUT well above a stream's length on this shared machine: streams on the old model finish
+    extra = {
+        "LIGHT_PRELOAD": "true",
+        "MODELS_DIR": str(folder),
+        "PERSIST_TIER_CHANGES": "false",
+        "DRAIN_TIMEOUT": "300",
+    }
     if mode == "in place":
         extra["MAX_MEMORY_GB"] = f"{size_gb * 1.5:.4f}"  # one model fits, two do not
     process, url, _ = start_ours(str(names[0]), parallel=clients, extra=extra)
@@ -136,7 +153,7 @@ def run_mode(path: str, clients: int, rounds: int, mode: str) -> list[dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -151,6 +168,7 @@ def main() -> None:
         ("steady_gap_ms", "median gap before the swap (ms)"),
         ("requests", "requests"),
         ("refused", "refused"),
+        ("cut", "streams cut"),
         ("load_1m", "load avg (1 min)"),
     ]
     body = (
