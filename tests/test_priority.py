@@ -153,10 +153,17 @@ def test_an_unknown_priority_is_a_400(live: LiveServer, where: dict[str, Any], p
     for path, payload in [
         ("/v1/chat/completions", body),
         ("/v1/completions", {"model": "light", "prompt": "hi", **where.get("json_extra", {})}),
+        ("/v1/responses", {"model": "light", "input": "hi", **where.get("json_extra", {})}),
+        ("/api/chat", {"model": "light", "messages": [{"role": "user", "content": "hi"}]}),  # Ollama: the header
     ]:
+        if path == "/api/chat" and "headers" not in where:
+            continue
         response = httpx.post(f"{live.url}{path}", json=payload, headers=headers, timeout=DEADLINE_S)
         assert response.status_code == 400, response.text
         error = response.json()["error"]
+        if path == "/api/chat":  # Ollama's error shape: the message alone
+            assert "use high, normal or low" in error
+            continue
         assert (error["param"], error["type"]) == (param, "invalid_request_error")
         assert "use high, normal or low" in error["message"]
 
