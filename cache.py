@@ -58,7 +58,7 @@ SCHEMA_VERSION = 1  # bump when the key derivation or the stored value format ch
 # `session_id` never reaches a key: api/sessions.py writes the session's whole history into the turn's
 # `messages` and drops the id, so two histories never share an entry, and keys made before sessions
 # existed stay valid.
-IGNORED_FIELDS = frozenset({"stream", "stream_options", "user", "store", "metadata", "session_id"})
+IGNORED_FIELDS = frozenset({"stream", "stream_options", "user", "store", "metadata", "session_id", "priority"})
 KEYED_FIELDS: dict[str, frozenset[str]] = {
     "ChatCompletionRequest": frozenset(
         {

@@ -223,6 +223,13 @@ SERVER_KEYS: tuple[Key, ...] = (
     Key("cors_origins", "list", (), "comma-separated CORS origins; empty = CORS off"),
     Key("allowed_hosts", "list", (), "Host header names accepted besides loopback names"),
     Key("max_memory_gb", "float", 0.0, "memory budget for loaded models; 0 = no budget", minimum=0.0),
+    Key(
+        "max_loaded_chat_tiers",
+        "int",
+        0,
+        "local chat tiers loaded at once; others wait, FIFO, for one to unload; 0 = no limit",
+        minimum=0,
+    ),
     Key("warm_imports", "bool", True, "import lazily loaded tiers' libraries in the background at start-up"),
     Key("models_dir", "path", "models", "where hub downloads go and GET /admin/models looks", blank_is_default=True),
     Key("persist_tier_changes", "bool", True, "keep admin model swaps across restarts (MODELS_DIR)"),
@@ -384,6 +391,7 @@ class Settings:
     cors_origins: tuple[str, ...] = _server_default("cors_origins")
     allowed_hosts: tuple[str, ...] = _server_default("allowed_hosts")
     max_memory_gb: float = _server_default("max_memory_gb")
+    max_loaded_chat_tiers: int = _server_default("max_loaded_chat_tiers")
     warm_imports: bool = _server_default("warm_imports")
     models_dir: str = _server_default("models_dir")
     persist_tier_changes: bool = _server_default("persist_tier_changes")

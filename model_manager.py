@@ -17,8 +17,9 @@ measured around each load is logged and reported.
 
 Swap (`change_tier`, the admin API): a tier's new model loads beside the old one, then new requests go
 to it at once while those already holding the old one finish on it (a request that resolved the old
-settings just before the switch is served there too); then the old one unloads. The settings change is
-kept in `overrides` and saved (models_admin/overrides.py).
+settings just before the switch is served there too); then the old one unloads. When MAX_MEMORY_GB cannot
+hold both, the old one drains and unloads first and new requests wait for the new one (model_swap.py).
+The settings change is kept in `overrides` and saved (models_admin/overrides.py).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from core.turns import ChatBackend
 from isolation.chat import IsolatedChat
 from isolation.models import isolated_batch_worker
 from isolation.supervisor import CrashReport, Restarts
+from model_slots import ChatSlots
+from model_swap import SwapGates, replace_in_place
 from models_admin.overrides import Overrides, OverrideStore
 
 if TYPE_CHECKING:  # imported by its factory, only when a tier is remote
@@ -208,6 +211,8 @@ class ModelManager:
         self._budget_lock = asyncio.Lock()
         self._freed = asyncio.Event()  # set when a lease ends or a tier unloads: memory may be free
         self._idle_task: asyncio.Task[None] | None = None
+        self.gates = SwapGates()  # tiers replacing their model in place (model_swap.py)
+        self.slots = ChatSlots(self, settings.max_loaded_chat_tiers)  # MAX_LOADED_CHAT_TIERS (model_slots.py)
 
     # ------------------------------------------------------------ status
 
@@ -258,6 +263,10 @@ class ModelManager:
             out["overrides"] = dict(self.overrides[tier])
         if tier in self._swapping:
             out["swapping"] = True
+        if self.gates.closed(tier):  # replaced in place: new requests wait for the new model
+            out["replacing_in_place"] = {"waiting": self.gates.waiting.get(tier, 0)}
+        if self.slots.applies(rt):
+            out["waiting_to_load"] = sum(1 for w in self.slots.waiting if w.rt is rt)
         old = [t for t in self._retiring if t.config.name == tier]
         if old:
             out["retiring"] = [{"model": t.config.model_id, "in_flight": t.in_flight} for t in old]
@@ -419,6 +428,17 @@ class ModelManager:
                         retry_after=max(1, int(rt.config.queue_timeout) or 5),
                     )
 
+    def notify_freed(self) -> None:
+        self._freed.set()
+
+    async def wait_freed(self, timeout: float) -> bool:
+        """Wait (up to `timeout`) for a lease to end, a tier to unload or a load to finish."""
+        self._freed.clear()
+        return await self._wait_freed(timeout)
+
+    async def unload_runtime(self, rt: TierRuntime) -> None:
+        await self._unload(rt)
+
     async def _wait_freed(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self._freed.wait(), timeout)
@@ -449,12 +469,20 @@ class ModelManager:
 
     def _load_done(self, rt: TierRuntime, future: asyncio.Future[None]) -> None:
         rt.loading = None
+        self._freed.set()  # whoever waits for a tier to settle (model_slots.py) looks again
         if not future.cancelled() and future.exception() is not None:
             log.warning("tier %s was not loaded: %s", rt.config.name, future.exception())
 
     def preload(self) -> None:
-        """Start loading the tiers marked PRELOAD; warm the libraries of those that load on first use."""
+        """Start loading the tiers marked PRELOAD (no more chat tiers than MAX_LOADED_CHAT_TIERS); warm the
+        libraries of those that load on first use."""
+        room = self.slots.limit or len(self.tiers)
         for name, rt in self.tiers.items():
+            if rt.config.preload and self.slots.applies(rt):
+                room -= 1
+                if room < 0:
+                    log.info("tier %s is not preloaded: MAX_LOADED_CHAT_TIERS=%d", name, self.slots.limit)
+                    continue
             if rt.config.preload:
                 self.start_loading(name)
         modules = self.lazy_modules() if self.settings.warm_imports else []
@@ -478,8 +506,14 @@ class ModelManager:
         `config` is the tier's settings the request was resolved (and its cache key made) with."""
         if self.closing:
             raise ShuttingDown("The server is shutting down", retry_after=5)
+        if self.gates.closed(tier):  # its model is being replaced in place: wait for the new one
+            current = self.tiers.get(tier)
+            await self.gates.wait(tier, current.config.queue_timeout if current is not None else 60.0)
         rt = self._runtime_for(tier, config)
-        rt.in_flight += 1
+        if rt.drained is None and self.slots.applies(rt):
+            await self.slots.enter(rt)  # counts it in flight, after its turn when another tier must unload
+        else:
+            rt.in_flight += 1
         try:
             yield rt.worker if rt.drained is not None else await self.ensure_loaded(tier)
         finally:
@@ -625,7 +659,7 @@ class ModelManager:
         same = current is not None and config == current.config
         self._swapping.add(tier)
         try:
-            staged = None if config is None or same else await self._stage(config)
+            staged = None if config is None or same else await self._stage_or_replace(tier, config)
             try:
                 if self.closing:
                     raise ShuttingDown("The server is shutting down", retry_after=5)
@@ -638,6 +672,7 @@ class ModelManager:
                 self._switch(tier, staged)
         finally:
             self._swapping.discard(tier)
+            self.gates.open(tier)  # requests held by an in-place replacement go on, on the tier's model now
         try:
             async with self._saving:
                 await asyncio.to_thread(self.store.save, dict(self.overrides))
@@ -653,7 +688,26 @@ class ModelManager:
         except ConfigError as exc:
             raise InvalidRequest(str(exc)) from None
 
-    async def _stage(self, config: TierConfig) -> TierRuntime:
+    async def _stage_or_replace(self, tier: str, config: TierConfig) -> TierRuntime:
+        """Load the new model beside the old one; when the memory budget cannot hold both, replace the old
+        one in place: drain, unload, load (model_swap.py)."""
+        try:
+            return await self.stage(config)
+        except Overloaded:
+            old = self.tiers.get(tier)
+            if old is None or old.worker is None or self.closing:
+                raise
+            idle = sum(
+                t.reserved_bytes
+                for t in self.tiers.values()
+                if t is not old and t.state == READY and t.in_flight == 0 and not t.config.pin
+            )
+            if self.estimator(config) > self.budget_bytes - self.used_bytes + old.reserved_bytes + idle:
+                raise  # even without the old model it does not fit: other tiers are busy or pinned
+        self.gates.close(tier)
+        return await replace_in_place(self, tier, old, config)
+
+    async def stage(self, config: TierConfig) -> TierRuntime:
         """Load `config` beside the tier's current model (no waiting for memory: the admin hears at once)."""
         staged = TierRuntime(config)
         self._staging.append(staged)
@@ -661,8 +715,8 @@ class ModelManager:
             await self._load(staged, patience=0.0)
         except Overloaded:
             raise Overloaded(
-                f"Not enough memory under MAX_MEMORY_GB for the {config.name} tier's new model beside its "
-                f"current one: unload the tier first (POST /admin/tiers/{config.name}/unload), then swap",
+                f"Not enough memory under MAX_MEMORY_GB for the {config.name} tier's new model, even without its "
+                "current one: other tiers are busy or pinned; retry, or unload them first",
                 retry_after=5,
             ) from None
         finally:

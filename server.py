@@ -100,6 +100,8 @@ def create_app(
         if settings.keys_configured and not is_authenticated(request.scope):
             return {"status": status}  # liveness only: model names and failure reasons need a key
         body: dict[str, Any] = {"status": status, "uptime_seconds": round(time.time() - state.started, 1)}
+        if manager.slots.limit:  # MAX_LOADED_CHAT_TIERS: who waits for which chat tier to load
+            body["chat_queue"] = manager.slots.status()
         if shared.uses:  # "ok" or "bypassed"/"unavailable" per use; a Redis outage never makes a replica unready
             body["redis"] = {use: info.get("state") for use, info in shared.status().items()}
         return {**body, "tiers": tiers}

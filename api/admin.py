@@ -53,6 +53,7 @@ async def admin_status(request: Request) -> dict[str, Any]:
             "reserved_bytes": manager.used_bytes,
         },
         "tiers": {name: manager.detailed_status(name) for name in manager.tiers},
+        **({"chat_queue": manager.slots.status()} if manager.slots.limit else {}),
         "cache": state.cache.stats(),
     }
 

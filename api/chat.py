@@ -14,7 +14,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from api import images, sessions
+from api import images, priority, sessions
 from api.cache_lookup import cache_directives
 from api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from api.sse import (
@@ -124,7 +124,9 @@ async def start(request: Request, tier: TierConfig, endpoint: str, turn_request:
     return await open_turn(state.manager, state.cache, tier, endpoint, turn_request, policy)
 
 
-def resolve(request: Request, model: str) -> tuple[routing.Resolution, TierConfig]:
+def resolve(request: Request, model: str, asked_priority: str | None = None) -> tuple[routing.Resolution, TierConfig]:
+    """The tier serving `model`; also puts the request's priority in force (api/priority.py)."""
+    priority.apply(request, asked_priority)
     settings = app_state(request).settings
     resolution = routing.resolve(model, "chat", settings)
     request_context.note_tier(resolution.tier)
@@ -157,7 +159,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     # Checking big tool or response schemas costs milliseconds per element: never on the event loop.
     schemas = body.tools or body.response_format
     turn_request = await asyncio.to_thread(chat_turn_request, body) if schemas else chat_turn_request(body)
-    resolution, tier = resolve(request, body.model)
+    resolution, tier = resolve(request, body.model, body.priority)
     if images.has_images(body):
         turn_request = await _with_images(request, body, tier, turn_request)
 
@@ -225,7 +227,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     reject_unsupported(body)
     if body.suffix:
         raise InvalidRequest("suffix (fill-in-the-middle) is not supported", param="suffix")
-    resolution, tier = resolve(request, body.model)
+    resolution, tier = resolve(request, body.model, body.priority)
     several = isinstance(body.prompt, list) and len(body.prompt) > 1 and isinstance(body.prompt[0], (str, list))
     if body.stream and several:
         raise InvalidRequest("several prompts are supported only without streaming", param="prompt")

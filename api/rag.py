@@ -22,7 +22,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from api import cache_lookup
+from api import cache_lookup, priority
 from api.schemas import EmbeddingRequest, RerankRequest, TeiEmbedRequest
 from api.state import app_state
 from config import TierConfig
@@ -47,7 +47,8 @@ class Embedded:
 # ---------------------------------------------------------------- shared steps
 
 
-def _resolve(request: Request, model: str, kind: str) -> TierConfig:
+def _resolve(request: Request, model: str, kind: str, asked_priority: str | int | None = None) -> TierConfig:
+    priority.apply(request, asked_priority)  # the micro-batching queue reads it (core/priority.py)
     settings = app_state(request).settings
     tier = routing.resolve(model, kind, settings).tier
     request_context.note_tier(tier)  # metrics and the access log are per tier
@@ -112,13 +113,14 @@ async def embed_texts(
     truncate: bool,
     dimensions: int | None,
     normalize: bool = True,
+    asked_priority: str | None = None,
 ) -> tuple[list[Embedded], dict[str, str]]:
     """Embed on the tier's owner thread (micro-batched); dense vectors are cut to `dimensions` (the
     request's, else `EMBEDDING_DIMENSION`) and (re-)normalised unless `normalize` is false.
 
     The response cache holds the model's raw output per text (keyed by text, types and truncate):
     a batch with known texts embeds only the new ones. Also returns the `X-Cache` header."""
-    tier = _resolve(request, model, "embedding")
+    tier = _resolve(request, model, "embedding", asked_priority)
     want = dimensions if dimensions is not None else tier.embedding_dimension
 
     async def compute(missing: list[str]) -> list[dict[str, Any]]:
@@ -200,7 +202,9 @@ def _requested_types(body: EmbeddingRequest) -> tuple[str, ...]:
 async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
     texts = input_texts(body.input)
     types = _requested_types(body)
-    rows, headers = await embed_texts(request, body.model, texts, types, body.truncate, body.dimensions)
+    rows, headers = await embed_texts(
+        request, body.model, texts, types, body.truncate, body.dimensions, asked_priority=body.priority
+    )
     data = []
     for index, row in enumerate(rows):
         item: dict[str, Any] = {
@@ -223,7 +227,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
 async def tei_embed(body: TeiEmbedRequest, request: Request) -> JSONResponse:
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     rows, headers = await embed_texts(
-        request, body.model, texts, ("dense",), body.truncate, body.dimensions, body.normalize
+        request, body.model, texts, ("dense",), body.truncate, body.dimensions, body.normalize, body.priority
     )
     return JSONResponse([row.dense or [] for row in rows], headers=headers)
 
@@ -231,7 +235,9 @@ async def tei_embed(body: TeiEmbedRequest, request: Request) -> JSONResponse:
 @extra_router.post("/embed_sparse")
 async def tei_embed_sparse(body: TeiEmbedRequest, request: Request) -> JSONResponse:
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    rows, headers = await embed_texts(request, body.model, texts, ("sparse",), body.truncate, None)
+    rows, headers = await embed_texts(
+        request, body.model, texts, ("sparse",), body.truncate, None, asked_priority=body.priority
+    )
     out = [[{"index": k, "value": v} for k, v in sorted((row.sparse or {}).items())] for row in rows]
     return JSONResponse(out, headers=headers)
 
@@ -283,7 +289,7 @@ async def rerank_core(request: Request, body: RerankRequest) -> tuple[list[Ranke
     texts = body.document_texts()
     if not texts:
         raise InvalidRequest("documents must hold at least one document", param="documents")
-    tier = _resolve(request, body.model, "rerank")
+    tier = _resolve(request, body.model, "rerank", body.priority)
     if len(texts) > tier.max_documents:
         raise InvalidRequest(
             f"{len(texts)} documents sent; this reranker accepts at most {tier.max_documents} "

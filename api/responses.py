@@ -156,7 +156,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         raise InvalidRequest("The input has no message", param="input")
     head: list[Message] = [{"role": "system", "content": body.instructions}] if body.instructions else []
     chat_turn_request(chat_body(body, (*head, *previous, *new)))  # bad tools or formats: a 400 before routing
-    resolution, tier = resolve(request, body.model)
+    resolution, tier = resolve(request, body.model, body.priority)
 
     async def begin(messages: tuple[Message, ...]) -> Turn:
         return await start(request, tier, "chat.completions", chat_turn_request(chat_body(body, messages)))

@@ -96,6 +96,10 @@ class _Body(BaseModel):
 class _Request(_Body):
     """A request whose answer may be cached: cache.py classifies every field (keyed or ignored)."""
 
+    # high, normal or low (api/priority.py checks it); left out of dumps: not part of the cache key, and
+    # never passed to an upstream (vLLM reads its own integer `priority`)
+    priority: str | None = Field(default=None, max_length=64, exclude=True)
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -435,8 +439,11 @@ RerankDocuments = Annotated[list[EmbeddingText | RerankDocument], Field(max_leng
 class RerankRequest(_Request):
     """One body for the seed, Cohere v1/v2, Jina, Infinity and TEI rerank clients.
 
-    Unknown fields (Cohere's max_tokens_per_doc, rank_fields, max_chunks_per_doc, priority) are ignored.
+    Unknown fields (Cohere's max_tokens_per_doc, rank_fields, max_chunks_per_doc) are ignored, and so is
+    Cohere's integer `priority`; a string one is ours (high, normal, low).
     """
+
+    priority: str | int | None = Field(default=None, exclude=True)  # type: ignore[assignment]
 
     model: ModelName = "reranker"
     query: EmbeddingText

@@ -14,6 +14,7 @@ from dataclasses import replace
 from chat import structured_output, tools
 from chat.scheduler import ChatScheduler
 from config import TierConfig
+from core import priority
 from core.errors import ContextLengthExceeded, InvalidRequest, RequestCancelled
 from core.events import DoneEvent, EngineEvent, ErrorEvent, Event, TextEvent
 from core.protocols import ChatModel, GenerationJob, MediaPrompt, SamplingParams, VisionChatModel, check_token_ids
@@ -112,7 +113,7 @@ class LocalChoice:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
         job = GenerationJob(prompt_tokens=prompt, params=params, media=media)
-        scheduler.submit(job, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        scheduler.submit(job, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event), priority.current())
         return cls(job, queue, scheduler)
 
     def cancel(self) -> None:

@@ -1,6 +1,7 @@
 """The owner thread of a chat model: a continuous-batching loop over its sequences.
 
-Requests wait in a bounded queue; between decode steps the loop admits waiting requests while the
+Requests wait in a bounded queue, higher priority first without starving the rest (core/priority.py);
+between decode steps the loop admits waiting requests while the
 model has free sequence slots, drops cancelled ones, steps every active sequence by one token and
 hands the text to each request's sink. Stop strings, token budgets and the context limit are handled
 here, once for every backend.
@@ -8,7 +9,6 @@ here, once for every backend.
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +18,7 @@ from typing import Any
 from core.errors import BackendError, Overloaded, ServiceError
 from core.events import DoneEvent, ErrorEvent, Sink, TextEvent
 from core.owner_thread import OwnerThread
+from core.priority import Priority, WaitingQueue
 from core.protocols import ChatModel, GenerationJob, StepOutput
 
 log = logging.getLogger("llmservice.scheduler")
@@ -46,7 +47,7 @@ class ChatScheduler(OwnerThread):
         super().__init__(loader, name, f"chat-{name}")
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
-        self._pending: collections.deque[_Track] = collections.deque()
+        self._pending: WaitingQueue[_Track] = WaitingQueue()
         self._active: dict[int, _Track] = {}
         self._thread.start()
 
@@ -60,7 +61,7 @@ class ChatScheduler(OwnerThread):
     def active(self) -> int:
         return len(self._active)
 
-    def submit(self, job: GenerationJob, sink: Sink) -> None:
+    def submit(self, job: GenerationJob, sink: Sink, priority: Priority = Priority.NORMAL) -> None:
         """Queue a job; raise Overloaded at once when the queue is full."""
         with self._cond:
             if self._stopping:
@@ -71,7 +72,8 @@ class ChatScheduler(OwnerThread):
                     f"The {self.name} tier has {len(self._pending)} requests waiting (limit {self.max_queue})",
                     retry_after=max(1, len(self._pending) // max(1, self.model.max_parallel)),
                 )
-            self._pending.append(_Track(job, sink, time.monotonic(), stop_prefixes=_stop_prefixes(job.params.stop)))
+            track = _Track(job, sink, time.monotonic(), stop_prefixes=_stop_prefixes(job.params.stop))
+            self._pending.append(track, priority)
             self._cond.notify()
 
     def wake(self) -> None:
@@ -119,9 +121,9 @@ class ChatScheduler(OwnerThread):
                 if track.job.cancelled.is_set():
                     continue
                 waiting.append(track)
-            expired = [t for t in self._pending if now - t.enqueued_at > self.queue_timeout or t.job.cancelled.is_set()]
-            for track in expired:
-                self._pending.remove(track)
+            expired = self._pending.remove_where(
+                lambda t: now - t.enqueued_at > self.queue_timeout or t.job.cancelled.is_set()
+            )
         for track in expired:
             if not track.job.cancelled.is_set():
                 track.sink(ErrorEvent(Overloaded(f"Waited over {self.queue_timeout:g}s for the {self.name} tier")))
@@ -229,7 +231,11 @@ class ChatScheduler(OwnerThread):
             log.exception("removing a sequence from %s failed", self.name)
 
     def status(self) -> dict[str, Any]:
+        with self._cond:
+            waiting = self._pending.counts()
         status: dict[str, Any] = {"active": self.active, "queued": self.queued, "parallel": self.model.max_parallel}
+        if waiting["high"] or waiting["low"]:
+            status["queued_by_priority"] = waiting
         totals = getattr(self.model, "draft_totals", None)  # llama.cpp with SPECULATIVE=ngram
         if totals is not None and totals()[0]:
             proposed, accepted = totals()

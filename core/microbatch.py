@@ -7,13 +7,15 @@ key (the route puts everything that changes the computation in it: embedding typ
 merging never changes a result. When a merged batch fails, each request is retried alone, so one bad
 input fails only its own request.
 
+Requests wait higher priority first, without starving the rest (core/priority.py); the priority is the
+request's own (`priority.current()`, read when it is queued).
+
 The surface is `ready`, `shutdown` and `status` (from OwnerThread, like ChatScheduler), `submit(fn)`, plus
 `submit_batch(key, items, run)`.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -23,6 +25,8 @@ from typing import Any
 
 from core.errors import Overloaded
 from core.owner_thread import OwnerThread
+from core.priority import WaitingQueue
+from core.priority import current as current_priority
 
 log = logging.getLogger("llmservice.microbatch")
 
@@ -59,7 +63,7 @@ class BatchWorker(OwnerThread):
         self.clock = clock
         self.batches_run = 0  # batches the model ran (status and tests)
         self.largest_batch = 0  # the most requests merged into one batch so far
-        self._pending: collections.deque[_Work] = collections.deque()
+        self._pending: WaitingQueue[_Work] = WaitingQueue()
         self._busy = False
         self._thread.start()
 
@@ -91,7 +95,7 @@ class BatchWorker(OwnerThread):
                 raise Overloaded(
                     f"The {self.name} tier has {len(self._pending)} requests waiting (limit {self.max_queue})"
                 )
-            self._pending.append(_Work(key, items, run, future, self.clock()))
+            self._pending.append(_Work(key, items, run, future, self.clock()), current_priority())
             self._cond.notify()
         return future
 

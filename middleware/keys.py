@@ -11,6 +11,8 @@ Two sources. `API_KEYS` holds anonymous keys, as before: every tier, no limits, 
     tpm = 100000                  # tokens per minute (prompt + completion),
     max_parallel = 4              # requests at once
     admin = false                 # true: /admin/..., /api/admin/... and /metrics
+    priority = "normal"           # optional: its requests' default priority and the highest they may
+                                  # ask for (absent: default normal, any may be asked; core/priority.py)
 
 The file must not be readable by other users (it is refused at start-up, and a reload is skipped).
 It is read again when it changes (its mtime, size and inode are checked on each request: one stat)
@@ -39,8 +41,9 @@ ANONYMOUS = "anonymous"  # the name of every API_KEYS key
 SCOPE_KEY = "llmservice.api_key"  # the ApiKey of a request, set in the ASGI scope by BearerAuth
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # safe in metric labels and log lines
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-_FIELDS = frozenset({"name", "key", "key_sha256", "tiers", "rpm", "tpm", "max_parallel", "admin"})
+_FIELDS = frozenset({"name", "key", "key_sha256", "tiers", "rpm", "tpm", "max_parallel", "admin", "priority"})
 _LIMITS = ("rpm", "tpm", "max_parallel")
+_PRIORITIES = ("high", "normal", "low")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class ApiKey:
     tpm: int = 0
     max_parallel: int = 0
     admin: bool = False
+    priority: str | None = None  # "high", "normal" or "low": the default and the ceiling; None: neither
 
     @property
     def limited(self) -> bool:
@@ -133,11 +137,15 @@ def _entry(path: str, index: int, entry: Mapping[str, object]) -> ApiKey:
     admin = entry.get("admin", False)
     if not isinstance(admin, bool):
         raise fail(f"admin has value {admin!r}: true or false")
+    priority = entry.get("priority")
+    if priority is not None and priority not in _PRIORITIES:
+        raise fail(f"priority has value {priority!r}: one of {', '.join(_PRIORITIES)}")
     return ApiKey(
         name,
         digest(secret) if isinstance(secret, str) else bytes.fromhex(str(hashed)),
         tiers=_tiers(entry.get("tiers"), where),
         admin=admin,
+        priority=priority if isinstance(priority, str) else None,
         **limits,
     )
 
