@@ -9,7 +9,7 @@ import threading
 from importlib.resources import files
 from pathlib import Path
 
-from config import PACKAGED_GEMMA, PACKAGED_MINILM, PACKAGED_WHISPER
+from core.config_keys import PACKAGED_GEMMA, PACKAGED_MINILM, PACKAGED_WHISPER
 
 # The packaged Whisper base (CTranslate2): model.bin is split across two packages (PyPI's size limit).
 WHISPER_SHA256 = "905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57"

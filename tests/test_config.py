@@ -9,21 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from config import (
-    PACKAGED_GEMMA,
-    PACKAGED_MINILM,
-    SERVER_KEYS,
-    TIER_KEYS,
-    TIERS,
-    ConfigError,
-    Key,
-    Settings,
-    TierConfig,
-    TierKey,
-    infer_backend,
-    load_settings,
-    read_environment,
-)
+from config import ConfigError, Settings, TierConfig, infer_backend, load_settings, read_environment
+from core.config_keys import PACKAGED_GEMMA, PACKAGED_MINILM, SERVER_KEYS, TIER_KEYS, TIERS, Key, TierKey
 
 ENV_EXAMPLE = Path(__file__).resolve().parent.parent / ".env.example"
 
