@@ -178,8 +178,24 @@ TIER_KEYS: tuple[TierKey, ...] = (
     TierKey("chat_format", "lower", "", "a built-in template (gemma, chatml, llama3, ...)", cache_key=True),
     TierKey("chat_template", "str", "", "a Jinja template, inline or a file path", cache_key=True),
     TierKey("max_documents", "int", 1000, "documents per rerank request", minimum=1, cache_key=False),
-    TierKey("batch_wait_ms", "float", 5.0, "micro-batching: gather requests this long", minimum=0.0, cache_key=False),
-    TierKey("max_batch", "int", 64, "micro-batching: ... or until this many inputs", minimum=1, cache_key=False),
+    TierKey(
+        "batch_wait_ms",
+        "float",
+        5.0,
+        "micro-batching: gather requests this long",
+        minimum=0.0,
+        per_tier={"speech": 30.0},  # a speech window costs a second or more on a CPU: company is worth waiting for
+        cache_key=False,
+    ),
+    TierKey(
+        "max_batch",
+        "int",
+        64,
+        "micro-batching: ... or until this many inputs",
+        minimum=1,
+        per_tier={"speech": 8},  # 30 s windows decoded together
+        cache_key=False,
+    ),
     TierKey("isolation", "lower", "thread", "thread | process (a native crash ends this tier only)", cache_key=False),
     TierKey(
         "beam_size", "int", 5, "speech: beam search width; 1 = greedy (faster)", minimum=1, maximum=16, cache_key=True
@@ -215,6 +231,7 @@ SERVER_KEYS: tuple[Key, ...] = (
     Key("strict_tiers", "bool", False, "an unconfigured chat tier is a 404, not a fallback"),
     Key("port_file", "str", ".port", "where the real port is written", blank_is_default=True),
     Key("max_body_bytes", "int", 8 * 1024 * 1024, "larger request bodies get 413", minimum=1024),
+    Key("max_audio_bytes", "int", 25 * 1024 * 1024, "the audio routes' body limit instead (413)", minimum=1024),
     Key("header_timeout", "float", 10.0, "seconds a client gets to send a request's headers", minimum=0.1),
     Key(
         "sessions_ttl_seconds",
@@ -364,6 +381,7 @@ class Settings:
     strict_tiers: bool = _server_default("strict_tiers")
     port_file: str = _server_default("port_file")
     max_body_bytes: int = _server_default("max_body_bytes")
+    max_audio_bytes: int = _server_default("max_audio_bytes")
     header_timeout: float = _server_default("header_timeout")
     sessions_ttl_seconds: float = _server_default("sessions_ttl_seconds")
     sessions_max: int = _server_default("sessions_max")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from config import Settings, TierConfig
 from core.errors import InvalidRequest, ServiceError
@@ -208,6 +208,33 @@ class Transcriber(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class SpeechJob:
+    """One request's transcription, as the owner thread gets it (possibly with others to batch)."""
+
+    audio: AudioFile
+    options: TranscribeOptions
+    on_segment: SegmentSink | None = None
+    cancelled: Callable[[], bool] = _never  # the client left: stop at the next window
+
+
+# A transcript, or the error of that request alone (a bad file fails only its own request in a batch).
+JobOutcome = Transcript | Exception
+
+
+@runtime_checkable
+class BatchTranscriber(Transcriber, Protocol):
+    """A Transcriber that can decode several requests together (speech_batch.py for faster-whisper)."""
+
+    def transcribe_batch(self, jobs: Sequence[SpeechJob]) -> list[JobOutcome]:
+        """One outcome per job, in order; never raises for one job's fault."""
+        ...
 
 
 # ---------------------------------------------------------------- registry
