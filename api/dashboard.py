@@ -35,7 +35,7 @@ PROBED = (
     "/admin/models",
     "/admin/tiers/{tier}/model",
 )
-PROBED_V1 = ("/v1/chat/completions", "/v1/embeddings", "/v1/rerank")
+PROBED_V1 = ("/v1/chat/completions", "/v1/embeddings", "/v1/rerank", "/v1/audio/transcriptions")
 
 router = APIRouter()
 
