@@ -11,8 +11,12 @@ the windows whose text looks degenerate are decoded again, a little hotter, toge
 split back into that request's segments and words, which reach its sink as they are decoded.
 
 Two limits of CTranslate2 shape the grouping: `generate` takes one temperature for the batch (so the
-route batches only requests with the same temperature), and wants `<|startoftranscript|>` at the same
-position in every prompt (so prompts are grouped by the length of their earlier-text part).
+route batches only requests with the same temperature, and a mixed batch is stepped one temperature at a
+time), and wants `<|startoftranscript|>` at the same position in every prompt (so prompts are grouped by
+the length of their earlier-text part).
+
+On a CPU the encoder is compute-bound, so its batch costs about the sum of its rows; the decoder's steps
+gain most (BENCHMARKS.md, "Speech"). A GPU should gain on the encoder too (not measured here).
 
 The language of a request that names none is detected on its first window's encoder output, not on a
 second encoding of it as `WhisperModel.transcribe` does.
@@ -107,6 +111,9 @@ class WindowBatcher:
     def run(self, jobs: Sequence[SpeechJob]) -> list[JobOutcome]:
         """One outcome per job: its transcript, or the error of that job alone."""
         requests = [self._start(job) for job in jobs]
+        for request in requests:
+            if request.finished:  # not audio: its client hears at once
+                _tell(request.job, self._outcome(request))
         while active := [r for r in requests if not r.finished]:
             for request in active:
                 if request.job.cancelled():
@@ -114,12 +121,16 @@ class WindowBatcher:
             active = [r for r in active if r.error is None]
             if not active:
                 break
-            try:
-                self._step(active)
-            except Exception as exc:  # noqa: BLE001 - a model fault fails this step's requests, not the thread
-                log.error("a batched speech step of %d requests failed: %s", len(active), type(exc).__name__)
-                for request in active:
-                    request.error = request.error or exc
+            for group in _by_temperature(active):
+                try:
+                    self._step(group)
+                except Exception as exc:  # noqa: BLE001 - a model fault fails this step's requests, not the thread
+                    log.error("a batched speech step of %d requests failed: %s", len(group), type(exc).__name__)
+                    for request in group:
+                        request.error = request.error or exc
+            for request in active:
+                if request.finished:
+                    _tell(request.job, self._outcome(request))
         return [self._outcome(request) for request in requests]
 
     # ------------------------------------------------------------ per request
@@ -211,8 +222,7 @@ class WindowBatcher:
         degenerate are decoded again, together, at the next temperature of the schedule."""
         from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
 
-        schedule = windows[0].request.job.options  # the route batches one temperature schedule only
-        temperatures = _schedule(schedule.temperature)
+        temperatures = _schedule(windows[0].request.job.options.temperature)  # one per step (_by_temperature)
         pending = list(range(len(windows)))
         temperature = temperatures[0]
         for temperature in temperatures:
@@ -336,6 +346,14 @@ def _schedule(temperature: float) -> tuple[float, ...]:
     return FALLBACK_TEMPERATURES if temperature == 0 else (temperature,)
 
 
+def _by_temperature(requests: list[_Request]) -> list[list[_Request]]:
+    """CTranslate2 samples a whole batch at one temperature: one step per temperature asked for."""
+    groups: dict[float, list[_Request]] = {}
+    for request in requests:
+        groups.setdefault(request.job.options.temperature, []).append(request)
+    return list(groups.values())
+
+
 def _needs_fallback(no_speech_prob: float, avg_logprob: float, ratio: float) -> bool:
     """Whisper's test of a degenerate window: too repetitive or too improbable, unless it is silence."""
     if no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOG_PROB_THRESHOLD:
@@ -364,4 +382,10 @@ def transcribe_jobs(model: Transcriber, jobs: Sequence[SpeechJob]) -> list[JobOu
             outcomes.append(model.transcribe(job.audio, job.options, job.on_segment))
         except Exception as exc:  # noqa: BLE001 - its own request's error
             outcomes.append(exc)
+        _tell(job, outcomes[-1])
     return outcomes
+
+
+def _tell(job: SpeechJob, outcome: JobOutcome) -> None:
+    if job.on_done is not None:
+        job.on_done(outcome)

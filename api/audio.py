@@ -17,7 +17,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Annotated, Literal, Protocol
 
@@ -184,21 +184,28 @@ class _Run:
         self.loop = asyncio.get_running_loop()
         self.segments: asyncio.Queue[TranscriptSegment | None] = asyncio.Queue()
         self.stopped = threading.Event()
-        job = SpeechJob(body.audio, body.options, self._sink, self.stopped.is_set)
-        self.batch = worker.submit_batch(batch_key(body.options), [job], transcribe_jobs)
         self.future: Future[Transcript] = Future()
+        job = SpeechJob(body.audio, body.options, self._sink, self.stopped.is_set, self._done)
+        self.batch = worker.submit_batch(batch_key(body.options), [job], transcribe_jobs)
         self.batch.add_done_callback(self._settle)
 
-    def _settle(self, batch: Future[list[JobOutcome]]) -> None:  # owner thread (or here, when cancelled)
+    def _done(self, outcome: JobOutcome) -> None:  # owner thread, as soon as this request ends
+        with contextlib.suppress(InvalidStateError):  # settled already (cancelled)
+            if isinstance(outcome, Exception):
+                self.future.set_exception(outcome)
+            else:
+                self.future.set_result(outcome)
+            self.loop.call_soon_threadsafe(self.segments.put_nowait, None)
+
+    def _settle(self, batch: Future[list[JobOutcome]]) -> None:  # when the whole batch ends (or was cancelled)
         if batch.cancelled():
-            self.future.cancel()
+            with contextlib.suppress(InvalidStateError):
+                self.future.cancel()
+                self.loop.call_soon_threadsafe(self.segments.put_nowait, None)
         elif (error := batch.exception()) is not None:
-            self.future.set_exception(error)
-        elif isinstance(outcome := batch.result()[0], Exception):
-            self.future.set_exception(outcome)
+            self._done(error if isinstance(error, Exception) else RuntimeError("the transcription stopped"))
         else:
-            self.future.set_result(outcome)
-        self.loop.call_soon_threadsafe(self.segments.put_nowait, None)
+            self._done(batch.result()[0])  # no-op when the job told us already
 
     def _sink(self, segment: TranscriptSegment) -> None:  # owner thread
         if self.stopped.is_set():

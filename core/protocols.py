@@ -222,6 +222,8 @@ class SpeechJob:
     options: TranscribeOptions
     on_segment: SegmentSink | None = None
     cancelled: Callable[[], bool] = _never  # the client left: stop at the next window
+    # Called once with the outcome as soon as this job ends, before the rest of its batch does.
+    on_done: Callable[[JobOutcome], None] | None = None
 
 
 # A transcript, or the error of that request alone (a bad file fails only its own request in a batch).

@@ -175,18 +175,34 @@ def test_one_batch_keeps_each_requests_options_and_errors(
     transcriber: FasterWhisperTranscriber, tmp_path: Path
 ) -> None:
     """A long file (two 30 s windows), a translation, a prompt, word timestamps, a named language and a
-    file that is not audio, decoded as one batch: each gets its own answer, and only the bad file fails."""
+    file that is not audio, decoded as one batch: each gets its own answer, as soon as it is ready, and
+    only the bad file fails."""
     long_text = " ".join([SENTENCE, *FOUR.values()] * 3)  # about 40 s
     long_clip = speak(long_text, tmp_path, "long")
     streamed: list[str] = []
+    ended: list[str] = []
+    files = {
+        "long": AudioFile(long_clip, "long.wav"),
+        "guitar": AudioFile(speak(FOUR["guitar"], tmp_path, "g"), "g.wav"),
+        "pizza": AudioFile(speak(FOUR["pizza"], tmp_path, "p"), "p.wav"),
+        "bad": AudioFile(b"ID3" + bytes(64), "bad.mp3"),
+        "london": AudioFile(speak(FOUR["london"], tmp_path, "l"), "l.wav"),
+    }
+    options = {
+        "long": TranscribeOptions(),
+        "guitar": TranscribeOptions(task="translate"),
+        "pizza": TranscribeOptions(word_timestamps=True),
+        "bad": TranscribeOptions(),
+        "london": TranscribeOptions(language="en", prompt="Noon."),
+    }
     jobs = [
-        SpeechJob(AudioFile(long_clip, "long.wav"), TranscribeOptions(), lambda s: streamed.append(s.text)),
-        SpeechJob(AudioFile(speak(FOUR["guitar"], tmp_path, "g"), "g.wav"), TranscribeOptions(task="translate")),
-        SpeechJob(AudioFile(speak(FOUR["pizza"], tmp_path, "p"), "p.wav"), TranscribeOptions(word_timestamps=True)),
-        SpeechJob(AudioFile(b"ID3" + bytes(64), "bad.mp3"), TranscribeOptions()),
         SpeechJob(
-            AudioFile(speak(FOUR["london"], tmp_path, "l"), "l.wav"), TranscribeOptions(language="en", prompt="Noon.")
-        ),
+            files[name],
+            options[name],
+            (lambda s: streamed.append(s.text)) if name == "long" else None,
+            on_done=lambda _, name=name: ended.append(name),
+        )
+        for name in files
     ]
     long, guitar, pizza, bad, london = transcriber.transcribe_batch(jobs)
     assert isinstance(bad, InvalidRequest) and "could not be decoded as audio" in str(bad)
@@ -200,6 +216,8 @@ def test_one_batch_keeps_each_requests_options_and_errors(
         assert result.language == "en"
     assert isinstance(pizza, Transcript) and len(pizza.words) >= 5 and not long.words  # only where asked
     assert transcriber.batcher.largest_batch == 4  # the bad file never reached the model
+    # Each request is told as soon as it ends: the short ones do not wait for the long file's second window.
+    assert ended[0] == "bad" and ended[-1] == "long" and sorted(ended) == sorted(files)
 
 
 def test_a_corrupt_file_is_a_400(client: openai.OpenAI, spoken: bytes) -> None:
