@@ -15,8 +15,9 @@ route batches only requests with the same temperature, and a mixed batch is step
 time), and wants `<|startoftranscript|>` at the same position in every prompt (so prompts are grouped by
 the length of their earlier-text part).
 
-On a CPU the encoder is compute-bound, so its batch costs about the sum of its rows; the decoder's steps
-gain most (BENCHMARKS.md, "Speech"). A GPU should gain on the encoder too (not measured here).
+On a CPU the encoder is compute-bound: a batch of rows costs at least the sum of its rows, so there each
+window is encoded alone and only the decoder runs batched (BENCHMARKS.md, "Speech"). Elsewhere (CUDA)
+the encoder runs batched too, which is where GPUs gain (not measured here).
 
 The language of a request that names none is detected on its first window's encoder output, not on a
 second encoding of it as `WhisperModel.transcribe` does.
@@ -156,7 +157,6 @@ class WindowBatcher:
     # ------------------------------------------------------------ one step: a window of each request
 
     def _step(self, active: list[_Request]) -> None:
-        import numpy as np
         from faster_whisper.audio import pad_or_trim
 
         nb_max = self.model.feature_extractor.nb_max_frames
@@ -165,7 +165,7 @@ class WindowBatcher:
             size = min(nb_max, request.content_frames - request.seek)
             piece = request.features[:, request.seek : request.seek + size]
             windows.append(_Window(request, pad_or_trim(piece), size))
-        encoded = self.model.encode(np.stack([w.features for w in windows]))
+        encoded = self._encode([w.features for w in windows])
         self.windows_run += len(windows)
         self.largest_batch = max(self.largest_batch, len(windows))
         self._ensure_tokenizers(windows, encoded)
@@ -181,6 +181,18 @@ class WindowBatcher:
                 self._advance(window, lambda i=index: self._rows(encoded, windows, [i]))
             except Exception as exc:  # noqa: BLE001 - its sink raised (the client left), or its words failed
                 window.request.error = exc
+
+    def _encode(self, windows: list[np.ndarray]) -> StorageView:
+        """The windows' encoder output, as one batch. On a CPU the encoder is compute-bound and a batch of
+        rows ran no faster than the rows one by one (slower on a busy machine: BENCHMARKS.md, "Speech"),
+        so there the rows are encoded one by one and stacked for the decoder, whose steps do gain."""
+        import ctranslate2
+        import numpy as np
+
+        if len(windows) == 1 or self.model.model.device != "cpu":
+            return self.model.encode(np.stack(windows))
+        rows = [np.asarray(self.model.encode(window[np.newaxis])) for window in windows]
+        return ctranslate2.StorageView.from_array(np.concatenate(rows))
 
     def _ensure_tokenizers(self, windows: list[_Window], encoded: ctranslate2.StorageView) -> None:
         """Each request's tokenizer, once its language is known: named, or detected on this first window."""
