@@ -1,5 +1,5 @@
-"""Whisper over several requests at once (faster-whisper's model, CTranslate2): one encoder call and one
-`generate` call per step for the current 30 s window of every request in the batch.
+"""Whisper over several requests at once (faster-whisper's model, CTranslate2): one `generate` call per
+step for the current 30 s window of every request in the batch (and one encoder call, except on a CPU).
 
 faster-whisper's own `BatchedInferencePipeline` batches the windows of *one* file, after a VAD split, and
 drops what its sequential `transcribe` does (the temperature fallback, conditioning on earlier text, the
