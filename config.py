@@ -171,6 +171,7 @@ class Settings:
     strict_tiers: bool = _server_default("strict_tiers")
     port_file: str = _server_default("port_file")
     max_body_bytes: int = _server_default("max_body_bytes")
+    max_audio_bytes: int = _server_default("max_audio_bytes")
     image_url_hosts: tuple[str, ...] = _server_default("image_url_hosts")
     max_images: int = _server_default("max_images")
     max_image_bytes: int = _server_default("max_image_bytes")

@@ -311,8 +311,8 @@ class ModelManager:
 
                 return with_spillover(local, config)
             return local
-        # Embedding and rerank tiers micro-batch concurrent requests (microbatch.py); a speech tier runs
-        # one request at a time on the same owner thread (plain `submit`).
+        # Embedding, rerank and speech tiers micro-batch concurrent requests (microbatch.py; a speech
+        # batch is decoded window by window together, speech_batch.py).
         if process:
             return isolated_batch_worker(factory, config, self.settings, self._crash_report(runtime))
         return BatchWorker(

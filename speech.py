@@ -2,7 +2,7 @@
 
 Each loader runs on the tier's owner thread and imports its library there. Both decode the upload with
 `decode_audio` (PyAV, FFmpeg's decoders: wav, mp3, flac, ogg, webm, m4a, ...) into 16 kHz mono
-samples, refusing what is not audio, or is longer than `{TIER}_MAX_AUDIO_SECONDS`, with a 400.
+samples, refusing what is not audio, or is longer than `SPEECH_MAX_AUDIO_SECONDS`, with a 400 naming it.
 A remote speech tier (remote/speech.py) forwards the file as it came.
 """
 
@@ -20,12 +20,15 @@ from core.errors import InvalidRequest, ModelUnavailable
 from core.model_paths import resolve_model_path
 from core.protocols import (
     AudioFile,
+    JobOutcome,
     SegmentSink,
+    SpeechJob,
     TranscribeOptions,
     Transcript,
     TranscriptSegment,
     TranscriptWord,
 )
+from speech_batch import WindowBatcher
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,8 +59,9 @@ def temperatures(options: TranscribeOptions) -> tuple[float, ...]:
 # ---------------------------------------------------------------- decoding
 
 
-def decode_audio(audio: AudioFile, max_seconds: float) -> Samples:
-    """The file's first audio stream as float32 samples at 16 kHz, mono; a 400 naming the problem otherwise."""
+def decode_audio(audio: AudioFile, max_seconds: float, key: str = "SPEECH_MAX_AUDIO_SECONDS") -> Samples:
+    """The file's first audio stream as float32 samples at 16 kHz, mono; a 400 naming the problem (or the
+    setting `key` that bounds its length) otherwise."""
     import av
     import numpy as np
 
@@ -78,7 +82,7 @@ def decode_audio(audio: AudioFile, max_seconds: float) -> Samples:
                     total += chunks[-1].size
                 if total > limit:
                     raise InvalidRequest(
-                        f"The audio is longer than this tier's limit of {max_seconds:g} seconds", param="file"
+                        f"The audio is longer than the limit of {max_seconds:g} seconds ({key})", param="file"
                     )
             chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
             del resampler
@@ -141,46 +145,25 @@ class FasterWhisperTranscriber:
             local_files_only=True,
         )
         self.languages = tuple(self.model.supported_languages)
+        self.batcher = WindowBatcher(self.model, tier.beam_size, self._decode)
 
     def transcribe(self, audio: AudioFile, options: TranscribeOptions, on_segment: SegmentSink | None) -> Transcript:
-        check_language(options.language, self.languages)
-        samples = decode_audio(audio, self.tier.max_audio_seconds)
-        pieces, info = self.model.transcribe(
-            samples,
-            language=options.language,
-            task=options.task,
-            beam_size=self.tier.beam_size,
-            temperature=list(temperatures(options)),
-            initial_prompt=options.prompt or None,
-            word_timestamps=options.word_timestamps,
-        )
-        segments: list[TranscriptSegment] = []
-        words: list[TranscriptWord] = []
-        for piece in pieces:  # a generator: each window is decoded as it is pulled
-            segment = TranscriptSegment(
-                id=len(segments),
-                start=finite(piece.start, 3),
-                end=finite(piece.end, 3),
-                text=piece.text,
-                seek=int(piece.seek),
-                tokens=tuple(int(t) for t in piece.tokens),
-                temperature=finite(piece.temperature or 0.0),
-                avg_logprob=finite(piece.avg_logprob),
-                compression_ratio=finite(piece.compression_ratio),
-                no_speech_prob=finite(piece.no_speech_prob),
-            )
-            segments.append(segment)
-            words += [
-                TranscriptWord(w.word, finite(w.start, 3), finite(w.end, 3), finite(w.probability))
-                for w in piece.words or ()
-            ]
-            if on_segment is not None:
-                on_segment(segment)
-        text = "".join(s.text for s in segments).strip()
-        return Transcript(text, str(info.language), finite(info.duration, 3), tuple(segments), tuple(words))
+        (outcome,) = self.batcher.run([SpeechJob(audio, options, on_segment)])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def transcribe_batch(self, jobs: Sequence[SpeechJob]) -> list[JobOutcome]:
+        """Several requests decoded together, window by window (speech_batch.py)."""
+        return self.batcher.run(jobs)
+
+    def _decode(self, job: SpeechJob) -> Samples:
+        check_language(job.options.language, self.languages)
+        return decode_audio(job.audio, self.tier.max_audio_seconds)
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]  # CTranslate2 frees the weights with the last reference
+        self.batcher = None  # type: ignore[assignment]
         gc.collect()
 
 

@@ -4,8 +4,9 @@ Each handler: parse the multipart form -> resolve the speech tier (a `whisper-1`
 the cache (temperature 0: keyed by the file's SHA-256 and the options) -> lease the tier -> run the
 transcription on its owner thread -> shape the format asked for (api/audio_formats.py). With
 `stream=true` the segments go out as OpenAI's `transcript.text.delta` events as they are decoded, then
-one `transcript.text.done`. The upload is bounded by MAX_BODY_BYTES, the audio by the tier's
-MAX_AUDIO_SECONDS; what does not decode as audio is a 400 naming the file.
+one `transcript.text.done`. The upload is bounded by MAX_AUDIO_BYTES (the body-limit middleware), the
+audio by SPEECH_MAX_AUDIO_SECONDS; what does not decode as audio is a 400 naming the file. Concurrent
+requests at one temperature are decoded together on the owner thread (speech_batch.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Annotated, Literal, Protocol
 
@@ -31,8 +32,17 @@ from api.state import app_state
 from config import TierConfig
 from core import routing
 from core.errors import BackendError, ClientGone, InvalidRequest, ServiceError
-from core.protocols import AudioFile, TranscribeOptions, Transcriber, Transcript, TranscriptSegment
+from core.protocols import (
+    AudioFile,
+    JobOutcome,
+    SpeechJob,
+    TranscribeOptions,
+    Transcriber,
+    Transcript,
+    TranscriptSegment,
+)
 from middleware import request_context
+from speech_batch import transcribe_jobs
 
 router = APIRouter()  # mounted under "/v1", "" and "/api/v1"
 log = logging.getLogger("llmservice.audio")
@@ -152,20 +162,50 @@ async def _answer(request: Request, tier: TierConfig, body: SpeechRequest) -> Re
 class SpeechWorker(Protocol):
     """What a speech tier runs on: the micro-batching owner thread, or a remote tier's RemoteWorker."""
 
-    def submit(self, fn: Callable[[Transcriber], Transcript]) -> Future[Transcript]: ...
+    def submit_batch(
+        self,
+        key: Hashable,
+        items: Sequence[SpeechJob],
+        run: Callable[[Transcriber, Sequence[SpeechJob]], list[JobOutcome]],
+    ) -> Future[list[JobOutcome]]: ...
+
+
+def batch_key(options: TranscribeOptions) -> Hashable:
+    """Requests batch together when this matches: CTranslate2 decodes a batch at one temperature (the
+    language, task, prompt and word timestamps are each request's own)."""
+    return ("speech", options.temperature)
 
 
 class _Run:
-    """One transcription on the tier's owner thread; its segments reach the event loop as they are
-    decoded, and `cancel` stops it at the next segment (the client left)."""
+    """One transcription on the tier's owner thread, possibly batched with others; its segments reach the
+    event loop as they are decoded, and `cancel` stops it at the next segment or window (the client left)."""
 
     def __init__(self, worker: SpeechWorker, body: SpeechRequest) -> None:
         self.loop = asyncio.get_running_loop()
         self.segments: asyncio.Queue[TranscriptSegment | None] = asyncio.Queue()
         self.stopped = threading.Event()
-        audio, options = body.audio, body.options
-        self.future = worker.submit(lambda model: model.transcribe(audio, options, self._sink))
-        self.future.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self.segments.put_nowait, None))
+        self.future: Future[Transcript] = Future()
+        job = SpeechJob(body.audio, body.options, self._sink, self.stopped.is_set, self._done)
+        self.batch = worker.submit_batch(batch_key(body.options), [job], transcribe_jobs)
+        self.batch.add_done_callback(self._settle)
+
+    def _done(self, outcome: JobOutcome) -> None:  # owner thread, as soon as this request ends
+        with contextlib.suppress(InvalidStateError):  # settled already (cancelled)
+            if isinstance(outcome, Exception):
+                self.future.set_exception(outcome)
+            else:
+                self.future.set_result(outcome)
+            self.loop.call_soon_threadsafe(self.segments.put_nowait, None)
+
+    def _settle(self, batch: Future[list[JobOutcome]]) -> None:  # when the whole batch ends (or was cancelled)
+        if batch.cancelled():
+            with contextlib.suppress(InvalidStateError):
+                self.future.cancel()
+                self.loop.call_soon_threadsafe(self.segments.put_nowait, None)
+        elif (error := batch.exception()) is not None:
+            self._done(error if isinstance(error, Exception) else RuntimeError("the transcription stopped"))
+        else:
+            self._done(batch.result()[0])  # no-op when the job told us already
 
     def _sink(self, segment: TranscriptSegment) -> None:  # owner thread
         if self.stopped.is_set():
@@ -174,7 +214,7 @@ class _Run:
 
     def cancel(self) -> None:
         self.stopped.set()
-        self.future.cancel()
+        self.batch.cancel()  # still queued: it never runs
 
     async def result(self, request: Request) -> Transcript:
         """The transcript, or ClientGone as soon as the client disconnects (the work stops too)."""

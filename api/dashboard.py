@@ -36,7 +36,7 @@ PROBED = (
     "/admin/tiers/{tier}/model",
     "/admin/metrics/summary",
 )
-PROBED_V1 = ("/v1/chat/completions", "/v1/embeddings", "/v1/rerank")
+PROBED_V1 = ("/v1/chat/completions", "/v1/embeddings", "/v1/rerank", "/v1/audio/transcriptions")
 
 router = APIRouter()
 

@@ -184,8 +184,24 @@ TIER_KEYS: tuple[TierKey, ...] = (
         cache_key=True,
     ),
     TierKey("max_documents", "int", 1000, "documents per rerank request", minimum=1, cache_key=False),
-    TierKey("batch_wait_ms", "float", 5.0, "micro-batching: gather requests this long", minimum=0.0, cache_key=False),
-    TierKey("max_batch", "int", 64, "micro-batching: ... or until this many inputs", minimum=1, cache_key=False),
+    TierKey(
+        "batch_wait_ms",
+        "float",
+        5.0,
+        "micro-batching: gather requests this long",
+        minimum=0.0,
+        per_tier={"speech": 30.0},  # a speech window costs a second or more on a CPU: company is worth waiting for
+        cache_key=False,
+    ),
+    TierKey(
+        "max_batch",
+        "int",
+        64,
+        "micro-batching: ... or until this many inputs",
+        minimum=1,
+        per_tier={"speech": 8},  # 30 s windows decoded together
+        cache_key=False,
+    ),
     TierKey("isolation", "lower", "thread", "thread | process (a native crash ends this tier only)", cache_key=False),
     TierKey(
         "beam_size", "int", 5, "speech: beam search width; 1 = greedy (faster)", minimum=1, maximum=16, cache_key=True
@@ -228,6 +244,7 @@ SERVER_KEYS: tuple[Key, ...] = (
     Key("strict_tiers", "bool", False, "an unconfigured chat tier is a 404, not a fallback"),
     Key("port_file", "str", ".port", "where the real port is written", blank_is_default=True),
     Key("max_body_bytes", "int", 8 * 1024 * 1024, "larger request bodies get 413", minimum=1024),
+    Key("max_audio_bytes", "int", 25 * 1024 * 1024, "the audio routes' body limit instead (413)", minimum=1024),
     # Images in chat (api/images.py): fetching any URL a client names would let it probe the server's network.
     Key("image_url_hosts", "list", (), "hosts whose http(s) image URLs the server fetches; empty = data: URIs only"),
     Key("max_images", "int", 8, "images per chat request", minimum=0),

@@ -233,6 +233,35 @@ class Transcriber(Protocol):
     def close(self) -> None: ...
 
 
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class SpeechJob:
+    """One request's transcription, as the owner thread gets it (possibly with others to batch)."""
+
+    audio: AudioFile
+    options: TranscribeOptions
+    on_segment: SegmentSink | None = None
+    cancelled: Callable[[], bool] = _never  # the client left: stop at the next window
+    # Called once with the outcome as soon as this job ends, before the rest of its batch does.
+    on_done: Callable[[JobOutcome], None] | None = None
+
+
+# A transcript, or the error of that request alone (a bad file fails only its own request in a batch).
+JobOutcome = Transcript | Exception
+
+
+@runtime_checkable
+class BatchTranscriber(Transcriber, Protocol):
+    """A Transcriber that can decode several requests together (speech_batch.py for faster-whisper)."""
+
+    def transcribe_batch(self, jobs: Sequence[SpeechJob]) -> list[JobOutcome]:
+        """One outcome per job, in order; never raises for one job's fault."""
+        ...
+
+
 # ---------------------------------------------------------------- registry
 
 # A factory loads the model of a tier; it is called on the model's owner thread and returns a

@@ -10,7 +10,7 @@ Outermost first (Starlette runs the middleware added last outermost, so `install
     BearerAuth       when API_KEYS or API_KEYS_FILE is set: 401 without a valid key, 403 on admin
                      routes without an admin key
     RateLimit        for keys with limits: 429 over rpm, tpm or max_parallel; x-ratelimit-* headers
-    BodyLimit        413 before a route reads an oversize body
+    BodyLimit        413 before a route reads an oversize body (MAX_AUDIO_BYTES on the audio routes)
     (FastAPI's exception handlers, then the routes)
 
 RequestContext is outermost so that every refusal below it is logged and counted with its id.
@@ -40,7 +40,7 @@ def install(
     limiter: Limiter | None = None,
 ) -> None:
     """Add every middleware to `app`, innermost first. `keys` defaults to API_KEYS alone."""
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, max_audio_bytes=settings.max_audio_bytes)
     keys = keys if keys is not None else KeyStore(settings.api_keys)
     if keys.enabled:
         app.add_middleware(RateLimit, limiter=limiter if limiter is not None else LocalLimiter())

@@ -4,6 +4,7 @@ real but hears a fixed text."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import re
@@ -12,12 +13,22 @@ import struct
 import subprocess
 import threading
 import wave
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from config import TierConfig
-from core.protocols import AudioFile, SegmentSink, TranscribeOptions, Transcript, TranscriptSegment, TranscriptWord
+from core.protocols import (
+    AudioFile,
+    JobOutcome,
+    SegmentSink,
+    SpeechJob,
+    TranscribeOptions,
+    Transcript,
+    TranscriptSegment,
+    TranscriptWord,
+)
 from speech import SAMPLE_RATE, decode_audio
 
 ESPEAK_MISSING = "espeak-ng is not installed (apt-get install espeak-ng): no speech to transcribe"
@@ -153,3 +164,23 @@ class FakeTranscriber:
 
     def close(self) -> None:
         self.closed = True
+
+
+class FakeBatchTranscriber(FakeTranscriber):
+    """A FakeTranscriber that takes batches (the BatchTranscriber protocol), records the options of each
+    batch it gets, and hears each file's name, so every request's answer shows whose it is."""
+
+    def __init__(self, tier: TierConfig) -> None:
+        super().__init__(tier)
+        self.batches: list[list[TranscribeOptions]] = []
+
+    def transcribe_batch(self, jobs: Sequence[SpeechJob]) -> list[JobOutcome]:
+        self.batches.append([job.options for job in jobs])
+        outcomes: list[JobOutcome] = []
+        for job in jobs:
+            try:
+                heard = self.transcribe(job.audio, job.options, job.on_segment)
+                outcomes.append(dataclasses.replace(heard, text=f"{heard.text} ({job.audio.filename})"))
+            except Exception as exc:  # noqa: BLE001 - that job's own error, as the real batcher does
+                outcomes.append(exc)
+        return outcomes

@@ -261,3 +261,75 @@ def test_playground_embeddings_and_rerank(request: pytest.FixtureRequest, make_c
     ARTIFACTS.mkdir(exist_ok=True)
     p.screenshot(path=str(ARTIFACTS / "admin-dashboard-rerank.png"), full_page=True)
     assert page.errors == []
+
+
+@pytest.fixture
+def fake_speech_server() -> Iterator[LiveServer]:
+    """Fake chat models plus a fake Whisper that decodes uploads for real (tests/audio_fixtures.py)."""
+    from config import load_settings
+    from server import create_app
+    from tests.audio_fixtures import FakeTranscriber
+    from tests.fakes import FakeRegistry
+
+    env = {**FAKE_ENV, "SPEECH_MODEL_PATH": "/models/fake-whisper", "SPEECH_BACKEND": "faster_whisper"}
+    factories = {**FakeRegistry().factories(), "speech:faster_whisper": lambda tier, settings: FakeTranscriber(tier)}
+    with LiveServer(create_app(load_settings(env), factories=factories)) as live:
+        yield live
+
+
+def test_playground_transcribes_an_uploaded_wav(fake_speech_server: LiveServer, page: Page) -> None:
+    from tests.audio_fixtures import tone_wav
+
+    p = page.page
+    p.goto(fake_speech_server.url + "/admin")
+    p.wait_for_function("() => document.getElementById('conn').textContent.startsWith('live')")
+    p.select_option("#pg-mode", "transcription")
+    p.wait_for_function("() => document.getElementById('pg-tier').value === 'speech'")
+    assert p.is_visible("#pg-audio") and not p.is_visible("#pg-image")
+    p.set_input_files("#pg-audio", files=[{"name": "clip.wav", "mimeType": "audio/wav", "buffer": tone_wav(1.5)}])
+    p.click("#pg-send")
+    p.wait_for_selector("#pg-status[data-state=done]")
+    assert p.inner_text("#pg-output") == "Hello there. General Kenobi."
+    assert "1.5 s of audio" in p.inner_text("#pg-status") and "2 segments" in p.inner_text("#pg-status")
+    p.set_input_files("#pg-audio", files=[{"name": "notes.wav", "mimeType": "audio/wav", "buffer": b"not audio" * 9}])
+    p.click("#pg-send")
+    p.wait_for_selector("#pg-status[data-state=error]")
+    assert "could not be decoded as audio" in p.inner_text("#pg-status")
+    ARTIFACTS.mkdir(exist_ok=True)
+    p.screenshot(path=str(ARTIFACTS / "admin-dashboard-transcription.png"), full_page=True)
+    assert all("status of 400" in e for e in page.errors), page.errors  # only the refused upload's own 400
+
+
+def test_playground_attaches_an_image_to_the_chat_message(fake_speech_server: LiveServer, page: Page) -> None:
+    """The page builds OpenAI's request: a text part and an `image_url` part holding a data: URI."""
+    png = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+    )
+    sent: list[dict[str, Any]] = []
+
+    def answer(route: Any) -> None:  # stands in for a vision tier: records the request, streams one word
+        sent.append(json.loads(route.request.post_data))
+        chunk = {"choices": [{"index": 0, "delta": {"content": "red"}, "finish_reason": "stop"}]}
+        stream = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"
+        route.fulfill(status=200, content_type="text/event-stream", body=stream)
+
+    p = page.page
+    p.route("**/v1/chat/completions", answer)
+    p.goto(fake_speech_server.url + "/admin")
+    p.wait_for_function("() => document.getElementById('conn').textContent.startsWith('live')")
+    p.set_input_files("#pg-image", files=[{"name": "dot.png", "mimeType": "image/png", "buffer": png}])
+    p.wait_for_selector("#pg-image-preview:not(.hidden)")
+    p.fill("#pg-input", "What colour is this?")
+    p.click("#pg-send")
+    p.wait_for_selector("#pg-status[data-state=done]")
+    assert p.inner_text("#pg-output") == "red"
+    content = sent[0]["messages"][0]["content"]
+    assert content[0] == {"type": "text", "text": "What colour is this?"}
+    assert content[1]["type"] == "image_url"
+    assert content[1]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(png).decode()
+    p.click("#pg-image-clear")  # without the image the message is plain text again
+    p.click("#pg-send")
+    p.wait_for_function("() => document.getElementById('pg-status').dataset.state === 'done'")
+    p.wait_for_function("() => document.getElementById('pg-image-preview').classList.contains('hidden')")
+    assert len(sent) == 2 and sent[1]["messages"][0]["content"] == "What colour is this?"
+    assert page.errors == []

@@ -6,11 +6,13 @@ in production; tests/test_speech_real.py runs the packaged Whisper itself."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -19,7 +21,7 @@ from config import PACKAGED_WHISPER, ConfigError, load_settings
 from core import routing
 from core.errors import ModelNotFound
 from server import create_app
-from tests.audio_fixtures import FakeTranscriber, tone_wav
+from tests.audio_fixtures import FakeBatchTranscriber, FakeTranscriber, tone_wav
 from tests.conftest import FAKE_ENV, LiveServer
 from tests.fakes import FakeRegistry
 from tests.waiting import wait_for
@@ -29,14 +31,15 @@ TONE = tone_wav(2.0)
 
 
 class SpeechRegistry(FakeRegistry):
-    def __init__(self) -> None:
+    def __init__(self, kind: type[FakeTranscriber] = FakeTranscriber) -> None:
         super().__init__()
+        self.kind = kind
         self.transcriber: FakeTranscriber | None = None
         self.loads = 0
 
     def _load_speech(self, tier: Any, settings: Any) -> FakeTranscriber:
         self.loads += 1
-        self.transcriber = FakeTranscriber(tier)
+        self.transcriber = self.kind(tier)
         return self.transcriber
 
     def factories(self) -> dict[str, Any]:
@@ -188,7 +191,8 @@ def test_what_is_not_audio_is_a_400_naming_the_file(speech: Any, data: bytes, fr
 
 def test_requests_the_routes_refuse(speech: Any) -> None:
     client = speech({"SPEECH_MAX_AUDIO_SECONDS": "1"})
-    assert "longer than" in assert_error(post(client), 400, "invalid_request", "file")["message"]
+    too_long = assert_error(post(client), 400, "invalid_request", "file")["message"]
+    assert "longer than the limit of 1 seconds (SPEECH_MAX_AUDIO_SECONDS)" in too_long
     assert_error(post(client, model="light"), 400, "model_not_supported", "model")
     assert_error(post(client, model="nope"), 404, "model_not_found", "model")
     assert_error(post(client, response_format="xml"), 400, "invalid_request", "response_format")
@@ -206,10 +210,39 @@ def test_requests_the_routes_refuse(speech: Any) -> None:
     assert not_a_form.status_code == 400
 
 
-def test_an_upload_over_the_body_limit_is_a_413(speech: Any, registry: SpeechRegistry) -> None:
-    client = speech({"MAX_BODY_BYTES": "65536"})
-    assert_error(post(client, tone_wav(4.0)), 413, "payload_too_large")
-    assert registry.loads == 0
+def test_audio_uploads_have_their_own_limit(speech: Any, registry: SpeechRegistry) -> None:
+    assert load_settings({}).max_audio_bytes == 25 * 1024 * 1024  # OpenAI's
+    client = speech({"MAX_BODY_BYTES": "65536", "MAX_AUDIO_BYTES": "131072"})
+    clip = tone_wav(3.0)  # 96 KB: over the general limit, under the audio one
+    assert post(client, clip).status_code == 200
+    assert post(client, clip, path="/api/v1/audio/translations").status_code == 200
+    big_json = client.post("/v1/embeddings", json={"model": "e", "input": "x" * 70000})
+    assert "MAX_BODY_BYTES" in assert_error(big_json, 413, "payload_too_large")["message"]  # other routes: unchanged
+    assert registry.transcriber is not None
+    calls = len(registry.transcriber.calls)
+    error = assert_error(post(client, tone_wav(4.5)), 413, "payload_too_large")  # 144 KB, told by Content-Length
+    assert "131072 bytes (MAX_AUDIO_BYTES)" in error["message"] and error["type"] == "invalid_request_error"
+    assert len(registry.transcriber.calls) == calls  # refused before the model saw it
+
+
+def test_an_audio_upload_without_a_length_is_refused_as_it_arrives(speech: Any, registry: SpeechRegistry) -> None:
+    client = speech({"MAX_AUDIO_BYTES": "65536"})
+    form = (
+        b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+        + tone_wav(4.0)
+        + b"\r\n--b--\r\n"
+    )
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer
+        for start in range(0, len(form), 16384):
+            yield form[start : start + 16384]
+
+    response = client.post(
+        "/v1/audio/transcriptions", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert "MAX_AUDIO_BYTES" in assert_error(response, 413, "payload_too_large")["message"]
+    assert registry.loads == 0  # refused before the route ran
 
 
 # ---------------------------------------------------------------- streaming, cache, concurrency
@@ -261,8 +294,6 @@ def test_the_openai_sdk_transcribes_translates_and_streams(live_speech: LiveServ
 
 
 def test_a_client_that_leaves_a_stream_stops_its_transcription(live_speech: LiveServer, registry: Any) -> None:
-    import httpx
-
     with httpx.Client(base_url=live_speech.url, timeout=120) as http:
         assert post(http, tone_wav(0.5)).status_code == 200  # loads the model
         fake = registry.transcriber
@@ -277,6 +308,40 @@ def test_a_client_that_leaves_a_stream_stops_its_transcription(live_speech: Live
         fake.gate = None
         assert post(http).status_code == 200  # runs once the abandoned one has left the owner thread
         assert (len(fake.calls), fake.finished) == (3, 2)
+
+
+def test_concurrent_requests_at_one_temperature_are_decoded_as_one_batch() -> None:
+    """While one transcription holds the owner thread, three more queue: the two at temperature 0 (one of
+    them not audio) come back as one batch, the one at 0.5 alone; each answer is its own file's."""
+    registry = SpeechRegistry(FakeBatchTranscriber)
+    app = create_app(load_settings(SPEECH_ENV), factories=registry.factories())
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=120) as http:
+        assert post(http, tone_wav(0.5)).status_code == 200  # loads the model
+        fake = registry.transcriber
+        assert isinstance(fake, FakeBatchTranscriber)
+        fake.gate = threading.Event()
+        files = {"first": TONE, "good": TONE, "bad": b"not audio at all" * 8, "warm": TONE}
+        temperature = {"first": "0", "good": "0", "bad": "0", "warm": "0.5"}
+
+        def send(name: str) -> httpx.Response:
+            form = {"model": "whisper-1", "temperature": temperature[name]}
+            return http.post("/v1/audio/transcriptions", data=form, files={"file": (f"{name}.wav", files[name])})
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            first = pool.submit(send, "first")
+            wait_for(lambda: len(fake.calls) == 2, "the first transcription holding the owner thread")
+            rest = {name: pool.submit(send, name) for name in ("good", "bad", "warm")}
+            wait_for(lambda: http.get("/health").json()["tiers"]["speech"]["queued"] == 3, "three requests queued")
+            gate, fake.gate = fake.gate, None
+            gate.set()
+            answers = {"first": first.result(), **{name: future.result() for name, future in rest.items()}}
+        health = http.get("/health").json()["tiers"]["speech"]
+    for name in ("first", "good", "warm"):
+        assert answers[name].status_code == 200 and answers[name].json()["text"].endswith(f"({name}.wav)")
+    assert_error(answers["bad"], 400, "invalid_request", "file")  # its batch-mate was not affected
+    later = sorted(tuple(o.temperature for o in batch) for batch in fake.batches[2:])
+    assert later == [(0.0, 0.0), (0.5,)]
+    assert health["largest_batch"] == 2
 
 
 # ---------------------------------------------------------------- a remote speech tier

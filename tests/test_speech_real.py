@@ -16,10 +16,11 @@ import openai
 import pytest
 
 from config import load_settings
+from core.errors import InvalidRequest
 from core.model_paths import assemble_whisper, whisper_parts
-from core.protocols import AudioFile
+from core.protocols import AudioFile, SpeechJob, TranscribeOptions, Transcript
 from server import create_app
-from speech import SAMPLE_RATE, decode_audio
+from speech import SAMPLE_RATE, FasterWhisperTranscriber, decode_audio, load_faster_whisper
 from tests.audio_fixtures import reencode, speak, word_error_rate, words
 from tests.conftest import LiveServer
 from tests.waiting import wait_for
@@ -128,14 +129,28 @@ def test_translations_answer_in_english(client: openai.OpenAI, spoken: bytes) ->
     assert {"paris", "france"} <= set(words(text)), text
 
 
-def test_four_concurrent_requests_each_get_their_own_text(client: openai.OpenAI, tmp_path: Path) -> None:
-    sentences = {
-        "elephant": "An elephant walked slowly across the river.",
-        "guitar": "She played the guitar every evening.",
-        "pizza": "We ordered a large pizza for dinner.",
-        "london": "The train to London leaves at noon.",
-    }
-    clips = {word: speak(text, tmp_path, word) for word, text in sentences.items()}
+FOUR = {
+    "elephant": "An elephant walked slowly across the river.",
+    "guitar": "She played the guitar every evening.",
+    "pizza": "We ordered a large pizza for dinner.",
+    "london": "The train to London leaves at noon.",
+}
+
+
+@pytest.fixture(scope="module")
+def batching_server() -> Iterator[LiveServer]:
+    """A server whose speech tier waits (up to a generous deadline) until four requests are there, so
+    four concurrent requests are one batch however slowly they arrive."""
+    env = {**ENV, "SPEECH_MAX_BATCH": "4", "SPEECH_BATCH_WAIT_MS": "60000"}
+    with LiveServer(create_app(load_settings(env))) as live:
+        yield live
+
+
+def test_four_concurrent_requests_are_one_batch_and_each_gets_its_own_text(
+    batching_server: LiveServer, tmp_path: Path
+) -> None:
+    clips = {word: speak(text, tmp_path, word) for word, text in FOUR.items()}
+    client = openai.OpenAI(base_url=f"{batching_server.url}/v1", api_key="unused", max_retries=0, timeout=300)
 
     def transcribe(word: str) -> str:
         return client.audio.transcriptions.create(model="whisper-1", file=(f"{word}.wav", clips[word])).text
@@ -143,7 +158,66 @@ def test_four_concurrent_requests_each_get_their_own_text(client: openai.OpenAI,
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         texts = dict(zip(clips, pool.map(transcribe, clips), strict=True))
     for word, text in texts.items():
-        assert word in text.lower(), (word, text)
+        assert word in text.lower() and word_error_rate(FOUR[word], text) <= 0.25, (word, text)
+    status = httpx.get(f"{batching_server.url}/health", timeout=60).json()["tiers"]["speech"]
+    assert status["largest_batch"] == 4 and status["batches_run"] == 1
+
+
+@pytest.fixture(scope="module")
+def transcriber() -> Iterator[FasterWhisperTranscriber]:
+    settings = load_settings(ENV)
+    model = load_faster_whisper(settings.tiers["speech"], settings)
+    yield model
+    model.close()
+
+
+def test_one_batch_keeps_each_requests_options_and_errors(
+    transcriber: FasterWhisperTranscriber, tmp_path: Path
+) -> None:
+    """A long file (two 30 s windows), a translation, a prompt, word timestamps, a named language and a
+    file that is not audio, decoded as one batch: each gets its own answer, as soon as it is ready, and
+    only the bad file fails."""
+    long_text = " ".join([SENTENCE, *FOUR.values()] * 3)  # about 40 s
+    long_clip = speak(long_text, tmp_path, "long")
+    streamed: list[str] = []
+    ended: list[str] = []
+    files = {
+        "long": AudioFile(long_clip, "long.wav"),
+        "guitar": AudioFile(speak(FOUR["guitar"], tmp_path, "g"), "g.wav"),
+        "pizza": AudioFile(speak(FOUR["pizza"], tmp_path, "p"), "p.wav"),
+        "bad": AudioFile(b"ID3" + bytes(64), "bad.mp3"),
+        "london": AudioFile(speak(FOUR["london"], tmp_path, "l"), "l.wav"),
+    }
+    options = {
+        "long": TranscribeOptions(),
+        "guitar": TranscribeOptions(task="translate"),
+        "pizza": TranscribeOptions(word_timestamps=True),
+        "bad": TranscribeOptions(),
+        "london": TranscribeOptions(language="en", prompt="Noon."),
+    }
+    jobs = [
+        SpeechJob(
+            files[name],
+            options[name],
+            (lambda s: streamed.append(s.text)) if name == "long" else None,
+            on_done=lambda _, name=name: ended.append(name),
+        )
+        for name in files
+    ]
+    long, guitar, pizza, bad, london = transcriber.transcribe_batch(jobs)
+    assert isinstance(bad, InvalidRequest) and "could not be decoded as audio" in str(bad)
+    assert isinstance(long, Transcript) and long.duration > 30, long
+    assert word_error_rate(long_text, long.text) <= 0.25, long.text
+    assert "".join(streamed).strip() == long.text  # its segments reached its own sink, in order
+    assert all(a.end <= b.start + 0.01 for a, b in zip(long.segments, long.segments[1:], strict=False))
+    assert long.segments[-1].end > 30  # the second window's timestamps follow the first's
+    for result, text in ((guitar, FOUR["guitar"]), (pizza, FOUR["pizza"]), (london, FOUR["london"])):
+        assert isinstance(result, Transcript) and word_error_rate(text, result.text) <= 0.25, result
+        assert result.language == "en"
+    assert isinstance(pizza, Transcript) and len(pizza.words) >= 5 and not long.words  # only where asked
+    assert transcriber.batcher.largest_batch == 4  # the bad file never reached the model
+    # Each request is told as soon as it ends: the short ones do not wait for the long file's second window.
+    assert ended[0] == "bad" and ended[-1] == "long" and sorted(ended) == sorted(files)
 
 
 def test_a_corrupt_file_is_a_400(client: openai.OpenAI, spoken: bytes) -> None:
