@@ -233,6 +233,13 @@ SERVER_KEYS: tuple[Key, ...] = (
         minimum=1024,
     ),
     Key("sessions_purge_seconds", "float", 60.0, "how often expired sessions are dropped; 0 = when full", minimum=0.0),
+    Key(
+        "sessions_turn_wait_seconds",
+        "float",
+        60.0,
+        "how long a session turn waits for the one before it (any replica); then 409; 0 = no wait",
+        minimum=0.0,
+    ),
     # Redis, shared by replicas: one URL per use, since a cache may evict (allkeys-lru) and sessions must not.
     Key("cache_redis_url", "str", "", "a Redis cache tier shared by replicas (fails open); empty = none"),
     Key("rate_limit_redis_url", "str", "", "rate limits of named keys shared through Redis (fail open)"),
@@ -370,6 +377,7 @@ class Settings:
     sessions_max_messages: int = _server_default("sessions_max_messages")
     sessions_max_bytes: int = _server_default("sessions_max_bytes")
     sessions_purge_seconds: float = _server_default("sessions_purge_seconds")
+    sessions_turn_wait_seconds: float = _server_default("sessions_turn_wait_seconds")
     cache_redis_url: str = _server_default("cache_redis_url")
     rate_limit_redis_url: str = _server_default("rate_limit_redis_url")
     sessions_redis_url: str = _server_default("sessions_redis_url")
