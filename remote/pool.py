@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from core.errors import ServiceError
+from core.errors import ContextLengthExceeded, ServiceError
 from core.turns import JsonObject
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
@@ -56,6 +56,11 @@ class UpstreamRefused(ServiceError):
     def __init__(self, status: int, message: str, code: str, kind: str, param: str | None) -> None:
         super().__init__(message, param=param)
         self.status, self.code, self.type = status, code, kind
+
+
+class UpstreamContextExceeded(UpstreamRefused, ContextLengthExceeded):
+    """The upstream refused a prompt longer than its context, and said so by its error's code or type:
+    a session turn (sessions/history.py) then drops its oldest turns and tries again, as on a local tier."""
 
 
 class UpstreamBroke(ServiceError):

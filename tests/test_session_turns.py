@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from config import load_settings
+from remote.chat import load_remote_chat
 from scale.redis_locks import RedisLocks
 from scale.redis_store import RedisStore, StoreUnavailable
 from server import create_app
@@ -33,6 +34,7 @@ from tests.fakes import FakeChat, FakeRegistry
 from tests.redis_server import RedisServer, SilentServer
 from tests.test_api import assert_error
 from tests.test_sessions import new_session, say, stored
+from tests.upstreams import StandIn, build
 from tests.waiting import DEADLINE_S, wait_for, wait_for_async
 
 
@@ -344,3 +346,35 @@ def test_browsers_may_send_the_session_header_and_read_the_session_and_limit_hea
     exposed = {h.strip().lower() for h in response.headers["access-control-expose-headers"].split(",")}
     assert {"x-session-id", "x-session-trimmed", "retry-after", "x-ratelimit-remaining-requests"} <= exposed
     assert {f"x-ratelimit-{w}-{k}" for w in ("limit", "remaining", "reset") for k in ("requests", "tokens")} <= exposed
+
+
+# ---------------------------------------------------------------- remote tiers
+
+
+class RemoteRegistry(FakeRegistry):
+    def factories(self) -> dict[str, Any]:
+        return {**super().factories(), "turns:remote": load_remote_chat}
+
+
+@pytest.mark.parametrize("style", ["openai", "llama-server"])
+def test_a_session_on_a_remote_tier_trims_when_the_upstream_says_its_context_is_full(
+    make_client: Any, style: str
+) -> None:
+    stand_in = StandIn("up", context_chars=45, context_style=style)
+    with LiveServer(build(stand_in)) as upstream:
+        env = {**FAKE_ENV, "MEDIUM_MODEL_PATH": "", "MEDIUM_UPSTREAMS": f"{upstream.url}/v1"}
+        client = make_client({**env, "MEDIUM_UPSTREAM_MODEL": "upstream-model"}, RemoteRegistry())
+        session = new_session(client, system="Be brief.")
+        sent = []
+        for n in range(4):
+            body = {"model": "medium", "session_id": session, "messages": [{"role": "user", "content": f"SAY:{n}" * 2}]}
+            sent.append(client.post("/v1/chat/completions", json=body))
+        assert [r.status_code for r in sent] == [200] * 4
+        assert [r.headers.get("x-session-trimmed") for r in sent] == [None, None, "2", "2"]  # a question and its reply
+        kept = stored(client, session)
+        assert kept[0] == {"role": "system", "content": "Be brief."}
+        assert [m["content"] for m in kept[1:]] == ["SAY:2SAY:2", "2SAY:2", "SAY:3SAY:3", "3SAY:3"]
+        assert client.get(f"/v1/sessions/{session}").json()["trimmed_messages"] == 4
+        plain = {"model": "medium", "messages": [{"role": "user", "content": "x" * 46}]}
+        error = assert_error(client.post("/v1/chat/completions", json=plain), 400, "context_length_exceeded")
+        assert "context holds 45" in error["message"]  # a plain request gets the upstream's refusal
