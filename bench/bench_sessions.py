@@ -8,7 +8,7 @@ the same kind of content but their own system prompt (so neither can reuse the o
 by the server (`session_id`, only the new message sent), one whose client resends its whole history
 as a plain chat request. Their turns 1-9 alternate; turn 10 of each is timed, in an order that flips
 every round. A third request resends the session's turn-10 history under a system prompt never seen
-before: what turn 10 costs when no KV prefix can be reused. Greedy 24-token answers, streamed
+before: what turn 10 costs when no KV prefix can be reused. Greedy 12-token answers, streamed
 `/v1/chat/completions`; TTFT = the first content chunk. The 1-minute load average is recorded around
 every round: this machine's cores are shared. Results go to BENCHMARKS.md (## Sessions).
 """
@@ -35,7 +35,8 @@ from report import table, write_section  # noqa: E402
 
 PARALLEL = 4
 TURNS = 10
-MAX_TOKENS = 24
+MAX_TOKENS = 12
+BACKGROUND_TOKENS = 48
 BACKGROUND = 2
 QUESTIONS = (
     "Which room keeps record 21?",
@@ -52,8 +53,8 @@ QUESTIONS = (
 
 
 def system_prompt(tag: str) -> str:
-    """About 500 Gemma tokens; `tag` makes each conversation's prompt its own."""
-    rules = " ".join(f"Rule {n}: record {n * 7} is kept in room {n % 13}." for n in range(30))
+    """About 350 Gemma tokens; `tag` makes each conversation's prompt its own."""
+    rules = " ".join(f"Rule {n}: record {n * 7} is kept in room {n % 13}." for n in range(20))
     return f"You are the keeper of the {tag} archive. Answer in one short sentence, from these rules only. {rules}"
 
 
@@ -94,7 +95,7 @@ async def background(client: httpx.AsyncClient, n: int, stop_event: asyncio.Even
     while not stop_event.is_set():
         body = {
             "model": "light",
-            "max_tokens": 256,
+            "max_tokens": BACKGROUND_TOKENS,
             "temperature": 0.8,
             "seed": done,
             "messages": [{"role": "user", "content": f"Tell story number {n}-{done} about a lighthouse keeper."}],
@@ -139,7 +140,8 @@ async def one_round(url: str, n: int) -> dict[str, Any]:
             await session.open()
             for question in QUESTIONS[: TURNS - 1]:
                 for conversation in (session, plain) if n % 2 == 0 else (plain, session):
-                    await conversation.turn(question)
+                    done = await conversation.turn(question)
+                    print(f"  turn {len(conversation.history) // 2}: {done['ttft'] * 1000:.0f} ms", flush=True)
             last = QUESTIONS[TURNS - 1]
             order = (session, plain) if n % 2 == 0 else (plain, session)
             timed = {("session" if c is session else "plain"): await c.turn(last) for c in order}
@@ -218,8 +220,9 @@ def render(runs: list[dict[str, Any]]) -> str:
     ratios = [row["ratio"] for row in rows]
     lines = [
         f"Turn {TURNS} of a conversation kept by the server (`session_id`) vs the same kind of conversation "
-        f"resent whole by its client, with {BACKGROUND} background streams of 256-token generations running "
-        f"throughout; greedy {MAX_TOKENS}-token answers, streamed `/v1/chat/completions`, Gemma 3 270M Q4_K_M, "
+        f"resent whole by its client, with {BACKGROUND} background streams of {BACKGROUND_TOKENS}-token "
+        f"generations running throughout; greedy {MAX_TOKENS}-token answers, streamed `/v1/chat/completions`, "
+        "Gemma 3 270M Q4_K_M, "
         f"{THREADS} threads, {PARALLEL} parallel sequences of 4,096 tokens, prefix reuse on (the default), "
         "memory store. The two conversations' turns alternate; turn 10's order flips every round. "
         "`.venv/bin/python bench/bench_sessions.py`.",
