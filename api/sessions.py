@@ -86,13 +86,16 @@ async def unless_gone(request: Request, starting: Coroutine[Any, Any, Started]) 
         gone.cancel()
         if not task.done():
             task.cancel()
+    left = gone.done() and not gone.cancelled()
+    if left:
+        gone.exception()  # read: a receive that failed means the client is gone as well
     try:
         started = await task
     except asyncio.CancelledError:
-        if gone.done() and not gone.cancelled():
+        if left:
             raise ClientGone("The client disconnected while its turn waited for the session") from None
         raise
-    if gone.done() and not gone.cancelled():
+    if left:
         await started.turn.aclose()
         raise ClientGone("The client disconnected while its turn started")
     return started
