@@ -183,6 +183,7 @@ class Settings:
     sessions_max_messages: int = _server_default("sessions_max_messages")
     sessions_max_bytes: int = _server_default("sessions_max_bytes")
     sessions_purge_seconds: float = _server_default("sessions_purge_seconds")
+    sessions_turn_wait_seconds: float = _server_default("sessions_turn_wait_seconds")
     cache_redis_url: str = _server_default("cache_redis_url")
     rate_limit_redis_url: str = _server_default("rate_limit_redis_url")
     sessions_redis_url: str = _server_default("sessions_redis_url")

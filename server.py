@@ -45,7 +45,7 @@ def create_app(
     manager = ModelManager(settings, factories if factories is not None else default_factories())
     cache = ResponseCache(settings)
     shared = Shared.build(settings, cache)  # what replicas share through Redis, if configured
-    conversations = Conversations(shared.store, Limits.from_settings(settings))
+    conversations = Conversations(shared.store, Limits.from_settings(settings), locks=shared.turn_locks)
     limiter = limiter if limiter is not None else shared.limiter
 
     @contextlib.asynccontextmanager

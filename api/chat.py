@@ -166,7 +166,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     async def begin(full: ChatCompletionRequest) -> Turn:  # `body`, or a session's history plus body's messages
         return await start(request, tier, "chat.completions", turn_request if full is body else chat_turn_request(full))
 
-    turn, session_headers = await sessions.start_chat(request, body, message_dicts(body), begin, tier.queue_timeout)
+    turn, session_headers = await sessions.start_chat(request, body, message_dicts(body), begin)
     headers = response_headers(resolution, turn) | session_headers
     if body.stream:
         return stream_response(turn, _chat_chunk_maker(body), include_usage(body), headers)

@@ -8,19 +8,22 @@ sessions (and stored responses) it made: another key's id is a 404, as an unknow
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from api.schemas import MAX_ID_LENGTH, ChatCompletionRequest, ChatMessage, SessionCreateRequest
+from api.sse import disconnected
 from api.state import app_state
-from core.errors import InvalidRequest
+from core.errors import ClientGone, InvalidRequest
 from core.turns import JsonObject, JsonValue, Message, Turn
 from middleware.security import is_authenticated
 from sessions import history
-from sessions.conversations import Conversations
+from sessions.conversations import Conversations, Started
 from sessions.store import Record
 
 router = APIRouter()
@@ -46,11 +49,11 @@ def owner_of(request: Request) -> str:
 
 
 async def start_chat(
-    request: Request, body: ChatCompletionRequest, new: Sequence[Message], begin: ChatStarter, wait: float
+    request: Request, body: ChatCompletionRequest, new: Sequence[Message], begin: ChatStarter
 ) -> tuple[Turn, dict[str, str]]:
-    """Start a chat turn: on the session's history when the request names one (serialized with the
-    session's other turns, waiting up to `wait` seconds), else as it came. Returns the turn and the
-    session's response headers."""
+    """Start a chat turn: on the session's history when the request names one (after the session's
+    previous turn, on any replica, has closed), else as it came. Returns the turn and the session's
+    response headers."""
     session_id = body.session_id or request.headers.get(SESSION_HEADER)
     if not session_id:
         return await begin(body), {}
@@ -65,11 +68,37 @@ async def start_chat(
         full = [ChatMessage.model_validate(m) for m in messages]
         return await begin(body.model_copy(update={"messages": full, "session_id": None, "user": user}))
 
-    started = await conversations(request).run_turn(owner_of(request), session_id, new, begin_on, wait)
+    started = await unless_gone(request, conversations(request).run_turn(owner_of(request), session_id, new, begin_on))
     headers = {SESSION_HEADER: session_id}
     if started.dropped:
         headers[TRIMMED_HEADER] = str(started.dropped)
     return started.turn, headers
+
+
+async def unless_gone(request: Request, starting: Coroutine[Any, Any, Started]) -> Started:
+    """The started turn, unless the client leaves first (while its turn waits for the session's
+    previous one): the wait, or the turn if it had just started, is given up at once."""
+    task = asyncio.ensure_future(starting)
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    left = gone.done() and not gone.cancelled()
+    if left:
+        gone.exception()  # read: a receive that failed means the client is gone as well
+    try:
+        started = await task
+    except asyncio.CancelledError:
+        if left:
+            raise ClientGone("The client disconnected while its turn waited for the session") from None
+        raise
+    if left:
+        await started.turn.aclose()
+        raise ClientGone("The client disconnected while its turn started")
+    return started
 
 
 # ---------------------------------------------------------------- routes

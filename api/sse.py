@@ -18,6 +18,7 @@ from typing import Protocol
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from core.errors import ClientGone
 from core.events import DoneEvent, ErrorEvent, Event, TextEvent, ToolCallEvent
@@ -111,12 +112,26 @@ def note(event: Event, turn: Turn) -> None:
         request_context.add_tokens(event.prompt_tokens, event.completion_tokens, event.compute_seconds)
 
 
+class TurnStream(StreamingResponse):
+    """A streamed turn that is closed however the response ends: also when the client left before
+    the first byte, when the body's generator never starts (and its `finally` never runs), which
+    would leave the tier's slot and a session's turn lock held."""
+
+    def __init__(self, turn: Turn, body: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self.turn = turn
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.turn.aclose()
+
+
 def stream_response(
     turn: Turn, make_chunk: ChunkMaker, include_usage: bool, headers: dict[str, str]
 ) -> StreamingResponse:
-    return StreamingResponse(
-        stream(turn, make_chunk, include_usage), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
-    )
+    return TurnStream(turn, stream(turn, make_chunk, include_usage), {**SSE_HEADERS, **headers})
 
 
 async def stream(turn: Turn, make_chunk: ChunkMaker, include_usage: bool) -> AsyncIterator[bytes]:

@@ -269,6 +269,13 @@ SERVER_KEYS: tuple[Key, ...] = (
         minimum=1024,
     ),
     Key("sessions_purge_seconds", "float", 60.0, "how often expired sessions are dropped; 0 = when full", minimum=0.0),
+    Key(
+        "sessions_turn_wait_seconds",
+        "float",
+        60.0,
+        "how long a session turn waits for the one before it (any replica); then 409; 0 = no wait",
+        minimum=0.0,
+    ),
     # Redis, shared by replicas: one URL per use, since a cache may evict (allkeys-lru) and sessions must not.
     Key("cache_redis_url", "str", "", "a Redis cache tier shared by replicas (fails open); empty = none"),
     Key("rate_limit_redis_url", "str", "", "rate limits of named keys shared through Redis (fail open)"),

@@ -36,12 +36,16 @@ ADMIN_PATHS = frozenset({"/metrics"})
 # Set in the scope when the request carried a valid key: a public path may then show more (/health's tiers).
 AUTHENTICATED = "llmservice.authenticated"
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
-CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "X-Request-Id", "Cache-Control")
+# A browser sends only the request headers listed here, and lets a page read only the response headers
+# listed below (besides the CORS-safelisted ones): sessions (api/sessions.py) need both ways.
+CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "X-Request-Id", "Cache-Control", "X-Session-ID")
 CORS_EXPOSE_HEADERS = (
     "X-Request-Id",
     "X-Tier",
     "X-Tier-Fallback",
     "X-Cache",
+    "X-Session-ID",
+    "X-Session-Trimmed",
     "Retry-After",
     *(f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset") for kind in ("requests", "tokens")),
 )

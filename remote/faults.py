@@ -3,16 +3,21 @@
 Faults (another upstream may do better): connect errors and timeouts, 5xx, 429, 408, a stream that
 stalls or ends before its first event. Any other status is the upstream's verdict on the request
 itself (a 400 for a prompt over its context, a 404 for a model it does not serve): it goes back to
-our client with its status, message and code, and it is not retried.
+our client with its status, message and code, and it is not retried. A 400 that names the context
+(CONTEXT_CODES, CONTEXT_TYPES) is also a ContextLengthExceeded, so a session's turn can trim and retry.
 """
 
 from __future__ import annotations
 
 import json
 
-from remote.pool import UpstreamRefused
+from remote.pool import UpstreamContextExceeded, UpstreamRefused
 
 RETRYABLE_STATUSES = frozenset({408, 429})
+# How upstreams say "the prompt is longer than my context", by field, never by message text: OpenAI's
+# code (vLLM-compatible servers and llmservice use it too) and llama-server's error type.
+CONTEXT_CODES = frozenset({"context_length_exceeded"})
+CONTEXT_TYPES = frozenset({"exceed_context_size_error"})
 MAX_ERROR_BYTES = 64 * 1024  # an error body is read for its message, never in full
 
 
@@ -60,7 +65,10 @@ def refusal(status: int, body: bytes) -> UpstreamRefused:
         message = str(parsed["detail"])
     else:
         message = body[:1000].decode("utf-8", "replace").strip()
-    return UpstreamRefused(status, message or f"The upstream answered {status}", code, kind, param)
+    message = message or f"The upstream answered {status}"
+    if status == 400 and (code in CONTEXT_CODES or kind in CONTEXT_TYPES):
+        return UpstreamContextExceeded(status, message, "context_length_exceeded", kind, param)
+    return UpstreamRefused(status, message, code, kind, param)
 
 
 def fault_text(status: int, body: bytes) -> str:

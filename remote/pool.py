@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from config import TierConfig
-from core.errors import ServiceError
+from core.errors import ContextLengthExceeded, ServiceError
 from core.turns import JsonObject
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
@@ -66,6 +66,11 @@ class UpstreamRefused(ServiceError):
     def __init__(self, status: int, message: str, code: str, kind: str, param: str | None) -> None:
         super().__init__(message, param=param)
         self.status, self.code, self.type = status, code, kind
+
+
+class UpstreamContextExceeded(UpstreamRefused, ContextLengthExceeded):
+    """The upstream refused a prompt longer than its context, and said so by its error's code or type:
+    a session turn (sessions/history.py) then drops its oldest turns and tries again, as on a local tier."""
 
 
 class UpstreamBroke(ServiceError):

@@ -134,7 +134,8 @@ class RedisStore:
     def _index(self, kind: str, owner: str) -> str:
         return f"{self.prefix}index:{kind}:{owner}"
 
-    async def _call(self, op: Callable[[Redis], Awaitable[T]]) -> T:
+    async def call(self, op: Callable[[Redis], Awaitable[T]]) -> T:
+        """`op` on the client within the timeout; any Redis failure is a StoreUnavailable (503)."""
         try:
             async with asyncio.timeout(self.timeout):
                 result = await op(self.client)
@@ -155,7 +156,7 @@ class RedisStore:
             data: bytes | None = await client.get(self._rec(record_id))
             return data
 
-        data = await self._call(get)
+        data = await self.call(get)
         record = _decode(data) if data is not None else None
         if record is None or record.id != record_id or record.expired(self.clock()):
             return None
@@ -181,7 +182,7 @@ class RedisStore:
             async def replace(client: Redis) -> object:
                 return await self._replace(keys=keys, args=[text, expires, _member(record)], client=client)
 
-            return bool(await self._call(replace))
+            return bool(await self.call(replace))
         now = self.clock()
         keys = [self._rec(record.id), self.prefix + "all", self._index(record.kind, record.owner)]
         args = [
@@ -199,7 +200,7 @@ class RedisStore:
         async def insert(client: Redis) -> object:
             return await self._insert(keys=keys, args=args, client=client)
 
-        result = await self._call(insert)
+        result = await self.call(insert)
         if isinstance(result, list):
             soonest = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
             wait = int(float(soonest) / 1000 - now) + 1 if soonest not in ("", "inf") else 60
@@ -215,7 +216,7 @@ class RedisStore:
         async def delete(client: Redis) -> object:
             return await self._delete(keys=keys, args=[_member(record), record_id], client=client)
 
-        return bool(await self._call(delete))
+        return bool(await self.call(delete))
 
     async def page(self, kind: RecordKind, owner: str, after: str | None, limit: int) -> tuple[list[Record], bool]:
         index = self._index(kind, owner)
@@ -245,14 +246,14 @@ class RedisStore:
                 await client.zrem(index, *stale)
             return found[:limit], len(found) > limit
 
-        return await self._call(page)
+        return await self.call(page)
 
     async def purge(self) -> int:
         async def purge(client: Redis) -> int:
             gone = await self._purge(keys=[self.prefix + "all"], args=[_ms(self.clock()), self.prefix], client=client)
             return int(str(gone))
 
-        return await self._call(purge)
+        return await self.call(purge)
 
     def status(self) -> dict[str, object]:
         return {

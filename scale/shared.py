@@ -12,7 +12,9 @@ from config import Settings
 from middleware.limits import Limiter
 from scale.redis_limits import RedisLimiter
 from scale.redis_link import FailOpen
+from scale.redis_locks import RedisLocks
 from scale.redis_store import RedisStore
+from sessions.locks import LocalLocks, TurnLocks
 from sessions.store import MemoryStore, RecordStore
 
 Status = Callable[[], Mapping[str, object]]
@@ -25,6 +27,11 @@ class Shared:
     uses: dict[str, Status] = field(default_factory=dict)  # "cache", "rate_limits", "sessions" -> status
     _redis_limiter: RedisLimiter | None = None
     _redis_store: RedisStore | None = None
+
+    @property
+    def turn_locks(self) -> TurnLocks:
+        """One turn at a time per session: across replicas when the sessions live in Redis."""
+        return RedisLocks(self._redis_store) if self._redis_store is not None else LocalLocks()
 
     @classmethod
     def build(cls, settings: Settings, cache: ResponseCache) -> Shared:

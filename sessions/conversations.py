@@ -6,7 +6,9 @@ route starts the turn (oldest turns dropped while the tier finds it too long) ->
 ended well, history + new messages + reply are stored -> the lock goes when the turn closes. Two
 turns on one session therefore run one after the other, and each sees the other's reply.
 
-The lock is per process: replicas sharing a Redis store (issue 12) need a lock in Redis as well.
+The lock is sessions/locks.py's: per process with the memory store, in Redis as well with the Redis
+store (scale/redis_locks.py), so replicas never interleave one session's turns either. A turn that
+waits past SESSIONS_TURN_WAIT_SECONDS is a 409 `session_busy` with Retry-After.
 """
 
 from __future__ import annotations
@@ -16,19 +18,19 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from config import Settings
-from core.errors import InvalidRequest, NotFound, Overloaded
+from core.errors import InvalidRequest, NotFound
 from core.turns import JsonObject, JsonValue, Message, Turn
 from sessions import history
+from sessions.locks import LocalLocks, TurnLocks
 from sessions.store import Record, RecordKind, RecordStore
 
 log = logging.getLogger("llmservice.sessions")
 
 MAX_ID_LENGTH = 128
-Release = Callable[[], Awaitable[None]]
 
 
 def new_id(prefix: str) -> str:
@@ -42,6 +44,7 @@ class Limits:
     max_messages: int
     max_bytes: int
     purge_every: float  # seconds; 0 = only when the store is full
+    turn_wait: float = 60.0  # seconds a turn waits for the session's previous one; then 409 session_busy
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -50,6 +53,7 @@ class Limits:
             settings.sessions_max_messages,
             settings.sessions_max_bytes,
             settings.sessions_purge_seconds,
+            settings.sessions_turn_wait_seconds,
         )
 
 
@@ -59,54 +63,18 @@ class Started:
     dropped: int  # history messages left out because the tier's context could not hold them
 
 
-class _Locks:
-    """One asyncio lock per session id, forgotten when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    async def acquire(self, key: str, timeout: float) -> Release:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with asyncio.timeout(timeout):
-                await lock.acquire()
-        except TimeoutError:
-            self._leave(key)
-            raise Overloaded(
-                f"Another request on this session has been running for over {timeout:g} s", retry_after=int(timeout)
-            ) from None
-        except BaseException:
-            self._leave(key)
-            raise
-        released = False
-
-        async def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                lock.release()
-                self._leave(key)
-
-        return release
-
-    def users(self, key: str) -> int:
-        return self._locks.get(key, (None, 0))[1]
-
-    def _leave(self, key: str) -> None:
-        lock, users = self._locks[key]
-        if users <= 1:
-            del self._locks[key]
-        else:
-            self._locks[key] = (lock, users - 1)
-
-
 class Conversations:
-    def __init__(self, store: RecordStore, limits: Limits, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: RecordStore,
+        limits: Limits,
+        clock: Callable[[], float] = time.time,
+        locks: TurnLocks | None = None,
+    ) -> None:
         self.store = store
         self.limits = limits
         self.clock = clock
-        self._locks = _Locks()
+        self._locks: TurnLocks = locks if locks is not None else LocalLocks()
         self._purger: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ records
@@ -156,28 +124,27 @@ class Conversations:
         await self.store.put(record, new=True)
         return record
 
-    async def run_turn(
-        self, owner: str, session_id: str, new: Sequence[Message], begin: history.Starter, wait: float
-    ) -> Started:
+    async def run_turn(self, owner: str, session_id: str, new: Sequence[Message], begin: history.Starter) -> Started:
         """Start a turn on the session's history plus `new`, holding the session's lock (waiting up to
-        `wait` seconds for a turn before it) until the turn closes; the reply is stored once it
-        ended well."""
+        SESSIONS_TURN_WAIT_SECONDS for a turn before it, on any replica) until the turn closes; the
+        reply is stored once it ended well, if the turn still holds the lock."""
         self.check_new(new)
         await self.find(owner, "session", session_id)  # an unknown id is a 404 before any lock exists for it
-        release = await self._locks.acquire(session_id, wait)
+        hold = await self._locks.acquire(session_id, self.limits.turn_wait)
         try:
             record = await self.find(owner, "session", session_id)  # as the previous turn left it
             stored = history.from_json(record.body.get("messages"))
             turn, kept, dropped = await history.start_fitting((), stored, new, begin, trim=True)
         except BaseException:
-            await release()
+            await hold.release()
             raise
 
         async def commit(reply: Message) -> None:
+            await hold.confirm()
             await self._append(record, kept, [*new, reply], dropped)
 
         turn.choices[0] = history.Committing(turn.choices[0], commit)
-        turn.closers.append(release)
+        turn.closers.append(hold.release)
         return Started(turn, dropped)
 
     def busy(self, session_id: str) -> int:

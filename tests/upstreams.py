@@ -44,6 +44,8 @@ class StandIn:
     pace_s: float = 0.0  # ... one every `pace_s` seconds, as a GPU server generates
     health: int | None = None  # GET /health answers this status (None: no such route, 404)
     health_probes: int = 0
+    context_chars: int | None = None  # chat messages longer than this in all get a context-length 400
+    context_style: str = "openai"  # that 400's body: "openai" (code) or "llama-server" (type)
 
     def reply(self, body: dict[str, Any]) -> str:
         if "messages" in body:
@@ -52,6 +54,25 @@ class StandIn:
             prompt = body.get("prompt")
             last = str(prompt[0] if isinstance(prompt, list) else prompt)
         return last[len("SAY:") :] if last.startswith("SAY:") else f"{self.name}: {last}"
+
+
+def _too_long(stand_in: StandIn, body: dict[str, Any]) -> Response | None:
+    if stand_in.context_chars is None:
+        return None
+    used = sum(len(str(m.get("content") or "")) for m in body.get("messages") or [])
+    if used <= stand_in.context_chars:
+        return None
+    message = f"{used} characters, but this model's context holds {stand_in.context_chars}"
+    if stand_in.context_style == "llama-server":
+        error = {"code": 400, "message": message, "type": "exceed_context_size_error"}
+    else:
+        error = {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    return JSONResponse({"error": error}, status_code=400)
 
 
 def _pieces(text: str) -> list[str]:
@@ -76,6 +97,9 @@ def build(stand_in: StandIn) -> FastAPI:
                 await anyio.to_thread.run_sync(stand_in.gate.wait, DEADLINE_S)
             finally:
                 stand_in.held -= 1
+        too_long = _too_long(stand_in, body)
+        if too_long is not None:
+            return body, too_long
         if stand_in.status is not None:
             error = {"error": {"message": f"{stand_in.name} refuses", "type": "x", "code": stand_in.error_code}}
             headers = {"Retry-After": stand_in.retry_after} if stand_in.retry_after else {}
