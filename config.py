@@ -208,6 +208,12 @@ SERVER_KEYS: tuple[Key, ...] = (
     Key("allowed_hosts", "list", (), "Host header names accepted besides loopback names"),
     Key("max_memory_gb", "float", 0.0, "memory budget for loaded models; 0 = no budget", minimum=0.0),
     Key("warm_imports", "bool", True, "import lazily loaded tiers' libraries in the background at start-up"),
+    Key(
+        "quick_start_embeddings",
+        "bool",
+        True,
+        "a sentence-transformers BERT embedder (MiniLM) answers through a llama.cpp GGUF copy until torch loads",
+    ),
     Key("models_dir", "path", "models", "where hub downloads go and GET /admin/models looks", blank_is_default=True),
     Key("persist_tier_changes", "bool", True, "keep admin model swaps across restarts (MODELS_DIR)"),
     Key("hf_endpoint", "str", "", "the model hub's URL; empty = huggingface_hub's (HF_ENDPOINT or the Hub)"),
@@ -357,6 +363,7 @@ class Settings:
     allowed_hosts: tuple[str, ...] = _server_default("allowed_hosts")
     max_memory_gb: float = _server_default("max_memory_gb")
     warm_imports: bool = _server_default("warm_imports")
+    quick_start_embeddings: bool = _server_default("quick_start_embeddings")
     models_dir: str = _server_default("models_dir")
     persist_tier_changes: bool = _server_default("persist_tier_changes")
     hf_endpoint: str = _server_default("hf_endpoint")
