@@ -164,6 +164,7 @@ class Settings:
     max_memory_gb: float = _server_default("max_memory_gb")
     max_loaded_chat_tiers: int = _server_default("max_loaded_chat_tiers")
     warm_imports: bool = _server_default("warm_imports")
+    quick_start_embeddings: bool = _server_default("quick_start_embeddings")
     models_dir: str = _server_default("models_dir")
     persist_tier_changes: bool = _server_default("persist_tier_changes")
     hf_endpoint: str = _server_default("hf_endpoint")

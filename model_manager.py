@@ -95,7 +95,8 @@ def warm_modules() -> dict[Factory, tuple[str, ...]]:
 
     return {
         loaders.load_llamacpp_chat: ("llama_cpp", "chat.llama_engine"),
-        embedders.load_sentence_transformers: ("sentence_transformers",),
+        # llama_cpp first: QUICK_START_EMBEDDINGS answers through it while torch is still importing.
+        embedders.load_sentence_transformers: ("llama_cpp", "sentence_transformers"),
         embedders.load_bge_m3: ("FlagEmbedding",),
         embedders.load_llamacpp_embedder: ("llama_cpp",),
         rerankers.load_cross_encoder: ("sentence_transformers",),

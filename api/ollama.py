@@ -41,7 +41,8 @@ from fastapi.routing import APIRoute
 from api import chat as openai_chat
 from api import images
 from api import ollama_wire as wire
-from api.rag import Embedded, embed_texts
+from api.json_response import FastJSONResponse
+from api.rag import Embedded, dense_of, embed_texts
 from api.schemas import ChatCompletionRequest, CompletionRequest
 from api.sse import collect, disconnected, note
 from api.state import app_state
@@ -287,12 +288,12 @@ async def embed(request: Request) -> JSONResponse:
     rows, headers = await _embed(request, body.model, texts, body.truncate, body.dimensions, body.keep_alive)
     payload = {
         "model": body.model,
-        "embeddings": [row.dense or [] for row in rows],
+        "embeddings": [dense_of(row) for row in rows],
         "total_duration": _ns(time.monotonic() - started),
         "load_duration": 0,
         "prompt_eval_count": sum(row.tokens for row in rows),
     }
-    return JSONResponse(payload, headers=headers)
+    return FastJSONResponse(payload, headers=headers)  # float32 arrays: orjson writes them
 
 
 @router.post("/embeddings")
@@ -300,7 +301,7 @@ async def embeddings(request: Request) -> JSONResponse:
     """The older endpoint: one `prompt`, one `embedding`."""
     body = wire.parse(await request.body(), wire.EmbeddingsBody)
     rows, headers = await _embed(request, body.model, [body.prompt], True, None, body.keep_alive)
-    return JSONResponse({"embedding": rows[0].dense or []}, headers=headers)
+    return FastJSONResponse({"embedding": dense_of(rows[0])}, headers=headers)
 
 
 # ---------------------------------------------------------------- models

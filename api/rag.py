@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from api import cache_lookup, priority
+from api.json_response import FastJSONResponse as JSONResponse
 from api.schemas import EmbeddingRequest, RerankRequest, TeiEmbedRequest
 from api.state import app_state
 from config import TierConfig
@@ -34,11 +35,15 @@ router = APIRouter()  # mounted under "/v1" and ""
 extra_router = APIRouter()  # TEI and Cohere v2 paths, mounted once at the root
 
 
+Vector = npt.NDArray[np.float32]
+
+
 @dataclass(frozen=True)
 class Embedded:
-    """One input's result, as the owner thread hands it back."""
+    """One input's result: raw from the owner thread or the cache (`dense` a list), then cut and
+    normalised for the response (`dense` a float32 array, which the response writes without a Python loop)."""
 
-    dense: list[float] | None
+    dense: list[float] | Vector | None
     sparse: dict[int, float] | None
     colbert: list[list[float]] | None
     tokens: int
@@ -149,7 +154,7 @@ def _check_dimensions(want: int | None, size: int) -> None:
 def _row_json(row: Embedded) -> dict[str, Any]:
     """An embedding as plain JSON (what the cache stores; sparse token ids become string keys)."""
     return {
-        "dense": [float(x) for x in row.dense] if row.dense is not None else None,
+        "dense": np.asarray(row.dense, dtype=np.float64).tolist() if row.dense is not None else None,
         "sparse": {str(k): float(v) for k, v in row.sparse.items()} if row.sparse is not None else None,
         "colbert": [[float(x) for x in vec] for vec in row.colbert] if row.colbert is not None else None,
         "tokens": int(row.tokens),
@@ -166,21 +171,26 @@ def _row_from_json(value: dict[str, Any]) -> Embedded:
     )
 
 
-def _unit(vector: Sequence[float]) -> list[float]:
-    array = np.asarray(vector, dtype=np.float32)
+def _unit(array: Vector) -> Vector:
     norm = float(np.linalg.norm(array))
-    return (array / norm if norm > 0 else array).tolist()
+    return array / np.float32(norm) if norm > 0 else array
 
 
 def _cut(row: Embedded, dimensions: int | None, normalize: bool) -> Embedded:
     """Matryoshka truncation: keep the first `dimensions` components and re-normalise."""
     if row.dense is None:
         return row
-    dense = row.dense[:dimensions] if dimensions else row.dense
+    array = np.asarray(row.dense, dtype=np.float32)
+    dense = array[:dimensions] if dimensions else array
     return Embedded(_unit(dense) if normalize else dense, row.sparse, row.colbert, row.tokens)
 
 
-def _encode(vector: list[float], encoding_format: str | None) -> list[float] | str:
+def dense_of(row: Embedded) -> list[float] | Vector:
+    """The dense vector, or an empty list for a row without one (sparse-only requests)."""
+    return row.dense if row.dense is not None else []
+
+
+def _encode(vector: list[float] | Vector, encoding_format: str | None) -> list[float] | Vector | str:
     if encoding_format == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
     return vector
@@ -210,7 +220,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
         item: dict[str, Any] = {
             "object": "embedding",
             "index": index,
-            "embedding": _encode(row.dense or [], body.encoding_format),
+            "embedding": _encode(dense_of(row), body.encoding_format),
         }
         if row.sparse is not None:
             item["sparse_embedding"] = {str(k): v for k, v in row.sparse.items()}
@@ -219,7 +229,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
         data.append(item)
     tokens = sum(row.tokens for row in rows)
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-    # Plain JSON types already: a JSONResponse skips FastAPI's per-float jsonable_encoder walk.
+    # A response object skips FastAPI's per-float jsonable_encoder walk; orjson writes the arrays.
     return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage}, headers=headers)
 
 
@@ -229,7 +239,7 @@ async def tei_embed(body: TeiEmbedRequest, request: Request) -> JSONResponse:
     rows, headers = await embed_texts(
         request, body.model, texts, ("dense",), body.truncate, body.dimensions, body.normalize, body.priority
     )
-    return JSONResponse([row.dense or [] for row in rows], headers=headers)
+    return JSONResponse([dense_of(row) for row in rows], headers=headers)
 
 
 @extra_router.post("/embed_sparse")

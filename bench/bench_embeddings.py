@@ -47,7 +47,9 @@ def sentences(n: int) -> list[str]:
     ]
 
 
-def start_server(threads: int, port_file: Path, wait_ms: float) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    threads: int, port_file: Path, wait_ms: float, root: Path = ROOT
+) -> tuple[subprocess.Popen[bytes], str]:
     env = {
         **os.environ,
         "HOST": "127.0.0.1",
@@ -62,8 +64,10 @@ def start_server(threads: int, port_file: Path, wait_ms: float) -> tuple[subproc
         "EMBEDDING_BATCH_WAIT_MS": str(wait_ms),
         "LOG_LEVEL": "warning",
         "HF_HUB_OFFLINE": "1",
+        # throughput from the first request: no llama.cpp copy answering while torch loads
+        "QUICK_START_EMBEDDINGS": os.environ.get("QUICK_START_EMBEDDINGS", "false"),
     }
-    proc = subprocess.Popen([sys.executable, "server.py"], cwd=ROOT, env=env)
+    proc = subprocess.Popen([sys.executable, "server.py"], cwd=root, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if port_file.exists() and port_file.read_text().strip():

@@ -1,14 +1,16 @@
-"""Cold start of a lazily loaded embedding tier, with and without WARM_IMPORTS.
+"""Cold start of a lazily loaded embedding tier, with and without WARM_IMPORTS and QUICK_START_EMBEDDINGS.
 
 Run from the repository root:  .venv/bin/python bench/bench_warm.py [--rounds 2] [--no-write]
 
 Each round starts fresh servers (the default tiers: Gemma, MiniLM with the similarity reranker, Whisper;
-nothing preloaded), alternating WARM_IMPORTS=false and true, and measures:
+nothing preloaded), alternating WARM_IMPORTS and QUICK_START_EMBEDDINGS, and measures:
 - start-up: spawn to the first `GET /health` answered;
 - /health while warming: the slowest of the polls (every 100 ms) over the next few seconds;
 - the first `/v1/embeddings` request (one sentence), sent as soon as /health answers;
-- with warming on, also a first request sent 3 s later, and one sent only after the cold first request's
-  time has passed (the import has had its time), each on a fresh server.
+- with warming on and no quick start, also a first request sent 3 s later, and one sent only after the
+  cold first request's time has passed (the import has had its time), each on a fresh server;
+- with the quick start, also one on an empty model cache (the GGUF copy is written first) and a second
+  request right after the first.
 The 1-minute load average is recorded: this machine's 2 cores are shared. Results go to BENCHMARKS.md
 (## Cold start).
 """
@@ -18,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -50,33 +54,42 @@ def health_polls(url: str, seconds: float) -> float:
     return worst
 
 
-def first_embedding(url: str) -> float:
+def first_embedding(url: str, text: str = "The first request after start-up.") -> float:
     start = time.perf_counter()
-    body = {"model": "embedding", "input": "The first request after start-up."}
+    body = {"model": "embedding", "input": text}
     httpx.post(url + "/v1/embeddings", json=body, timeout=600).raise_for_status()
     return time.perf_counter() - start
 
 
-def run(path: str, warm: bool, delay: float, poll: float) -> dict[str, Any]:
+def run(path: str, warm: bool, delay: float, poll: float, quick: bool = False, empty: bool = False) -> dict[str, Any]:
     """One fresh server: start-up, /health while warming (for `poll` s), the first embeddings request
-    sent `delay` s after /health first answered."""
+    sent `delay` s after /health first answered (and with `quick`, a second one right after it)."""
     load_before = os.getloadavg()[0]
+    env = {**DEFAULT_TIERS, "WARM_IMPORTS": str(warm).lower(), "QUICK_START_EMBEDDINGS": str(quick).lower()}
+    if empty:  # no GGUF copy yet: the first load writes it
+        env["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="bench-warm-cache-")
     start = time.perf_counter()
-    process, url, _ = start_ours(path, 4, {**DEFAULT_TIERS, "WARM_IMPORTS": str(warm).lower()})
+    process, url, _ = start_ours(path, 4, env)
     startup = time.perf_counter() - start
     try:
         ready = time.monotonic()
         worst = health_polls(url, poll) if poll else 0.0
         time.sleep(max(0.0, delay - (time.monotonic() - ready)))
         first = first_embedding(url)
+        second = first_embedding(url, "A second request, right after the first.") if quick else 0.0
     finally:
         stop(process)
+        if empty:
+            shutil.rmtree(env["XDG_CACHE_HOME"], ignore_errors=True)
     row = {
         "warm": warm,
+        "quick": quick,
+        "empty": empty,
         "delay": delay,
         "startup": startup,
         "health_max_ms": worst * 1000,
         "first": first,
+        "second": second,
         "load": f"{load_before:.1f} / {os.getloadavg()[0]:.1f}",
     }
     print(f"  {row}")
@@ -92,11 +105,15 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for n in range(args.rounds):
         cold = run(path, False, 0.0, 0.0)
+        quick_now = run(path, True, 0.0, 0.0, quick=True)
         warm_now = run(path, True, 0.0, 0.0)
+        quick_cold = run(path, False, 0.0, 0.0, quick=True)
+        quick_empty = run(path, True, 0.0, 0.0, quick=True, empty=True)
         warm_soon = run(path, True, 3.0, 0.0)
         later = 1.2 * cold["first"]  # the import has had the time a cold first request took
         warm_later = run(path, True, later, min(later, 10.0))
-        rows += [{"round": n + 1, **row} for row in (cold, warm_now, warm_soon, warm_later)]
+        chosen = (cold, quick_now, warm_now, quick_cold, quick_empty, warm_soon, warm_later)
+        rows += [{"round": n + 1, **row} for row in chosen]
     out = Path(__file__).resolve().parent / "results" / "bench_warm.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
@@ -110,10 +127,12 @@ def render(rows: list[dict[str, Any]]) -> str:
     shown = [
         {
             **row,
-            "mode": "WARM_IMPORTS=" + ("true" if row["warm"] else "false"),
+            "mode": f"WARM_IMPORTS={str(row['warm']).lower()}, QUICK_START_EMBEDDINGS={str(row['quick']).lower()}"
+            + (", empty model cache" if row.get("empty") else ""),
             "sent": "at once" if not row["delay"] else f"after {row['delay']:.1f} s",
             "startup": row["startup"],
             "first": row["first"] * 1000,
+            "second": row["second"] * 1000 if row.get("second") else "",
             "health": row["health_max_ms"] if row["health_max_ms"] else "",
         }
         for row in rows
@@ -124,6 +143,7 @@ def render(rows: list[dict[str, Any]]) -> str:
         ("startup", "start-up to /health s"),
         ("sent", "first embeddings request sent"),
         ("first", "its latency ms"),
+        ("second", "next request ms"),
         ("health", "slowest /health while warming ms"),
         ("load", "load avg before / after"),
     ]

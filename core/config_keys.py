@@ -237,6 +237,12 @@ SERVER_KEYS: tuple[Key, ...] = (
         minimum=0,
     ),
     Key("warm_imports", "bool", True, "import lazily loaded tiers' libraries in the background at start-up"),
+    Key(
+        "quick_start_embeddings",
+        "bool",
+        True,
+        "a sentence-transformers BERT embedder (MiniLM) answers through a llama.cpp GGUF copy until torch loads",
+    ),
     Key("models_dir", "path", "models", "where hub downloads go and GET /admin/models looks", blank_is_default=True),
     Key("persist_tier_changes", "bool", True, "keep admin model swaps across restarts (MODELS_DIR)"),
     Key("hf_endpoint", "str", "", "the model hub's URL; empty = huggingface_hub's (HF_ENDPOINT or the Hub)"),

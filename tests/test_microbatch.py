@@ -165,3 +165,22 @@ def test_a_request_that_waited_past_the_queue_timeout_gets_a_503() -> None:
         assert model.batches == [[2]]
     finally:
         w.shutdown()
+
+
+def test_a_lone_request_is_not_held_for_the_window_until_requests_overlap() -> None:
+    # The clock never moves: a request held for the (60 s) window would run only once max_batch filled.
+    model = RecordingModel()
+    w = BatchWorker(lambda: model, "lone", max_queue=8, wait_ms=60_000, max_batch=2, clock=lambda: 100.0)
+    w.ready.result(DEADLINE_S)
+    try:
+        assert [w.submit_batch("k", [i], double).result(DEADLINE_S) for i in range(3)] == [[0], [2], [4]]
+        gate, _ = hold(w)
+        pair = [w.submit_batch("k", [i], double) for i in (5, 6)]
+        gate.set()
+        assert [f.result(DEADLINE_S) for f in pair] == [[10], [12]]
+        later = w.submit_batch("k", [7], double)  # requests overlapped: the window is back
+        last = w.submit_batch("k", [8], double)
+        assert (later.result(DEADLINE_S), last.result(DEADLINE_S)) == ([14], [16])
+        assert model.batches == [[0], [1], [2], [5, 6], [7, 8]]
+    finally:
+        w.shutdown()
