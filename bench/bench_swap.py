@@ -7,7 +7,7 @@ second name for the same file (a hard link: a different model, the same weights)
 clients stream chat completions back to back. Two modes:
 - beside: no memory budget; the new model loads next to the old one, then new requests go to it;
 - in place: MAX_MEMORY_GB holds one model, not two; the old model drains and unloads first, new requests
-  wait, then the new one loads (model_swap.py).
+  wait, then the new one loads (manager/swap.py).
 Measured per round: the swap request's duration; the first token on the new model (beside: a request sent
 the moment the swap answers; in place: the first token of the requests held while it swapped); the
 longest gap between two tokens any client saw (how long the tier stopped producing); requests refused.

@@ -267,7 +267,7 @@ def test_unknown_route_and_method(client: TestClient) -> None:
 
 
 def test_missing_model_file_fails_the_tier_only(make_client: Any, tmp_path: Any) -> None:
-    from model_manager import default_factories
+    from manager.factories import default_factories
     from tests.fakes import FakeRegistry
 
     registry = FakeRegistry()
@@ -312,7 +312,7 @@ def test_a_missing_backend_is_a_503_envelope(make_client: Any) -> None:
 
 @pytest.mark.real  # llama.cpp itself reads the file and refuses it
 def test_corrupt_gguf_fails_cleanly(make_client: Any, tmp_path: Any) -> None:
-    from model_manager import default_factories
+    from manager.factories import default_factories
 
     bad = tmp_path / "corrupt.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 64)

@@ -245,7 +245,7 @@ def test_a_tier_larger_than_the_whole_budget_is_unavailable() -> None:
 
 
 def test_the_estimate_of_a_model_file_is_its_size(tmp_path: Any) -> None:
-    from model_manager import estimate_model_bytes
+    from manager.memory import estimate_model_bytes
 
     model = tmp_path / "m.gguf"
     model.write_bytes(b"x" * 12345)
@@ -255,7 +255,7 @@ def test_the_estimate_of_a_model_file_is_its_size(tmp_path: Any) -> None:
 
 @pytest.mark.real
 def test_the_estimate_of_the_packaged_gemma_is_its_parts() -> None:
-    from model_manager import estimate_model_bytes
+    from manager.memory import estimate_model_bytes
 
     packaged = load_settings({"EMBEDDING_MODEL_PATH": "", "RERANKER_MODEL_PATH": ""}).tiers["light"]
     assert estimate_model_bytes(packaged) > 100_000_000  # the Gemma 270M GGUF's parts, not assembled

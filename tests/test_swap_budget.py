@@ -1,4 +1,4 @@
-"""A swap under a MAX_MEMORY_GB that cannot hold the old and the new model together (model_swap.py):
+"""A swap under a MAX_MEMORY_GB that cannot hold the old and the new model together (manager/swap.py):
 the old model drains and unloads, new requests wait, then the new one loads; if it fails, the old one is
 loaded again and the answer says why. The model files are real (small) so the budget counts them."""
 

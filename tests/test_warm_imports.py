@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from config import load_settings
-from model_manager import ModelManager, default_factories
+from manager.factories import default_factories
+from model_manager import ModelManager
 from tests.fakes import FakeRegistry
 
 
