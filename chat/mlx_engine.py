@@ -71,30 +71,11 @@ class MlxChat:
     def render_chat(self, messages: Sequence[Message]) -> str:
         return templates.render(self._template, messages, bos_token=self._bos_text, eos_token=self._eos_text)
 
-    def _sampler(self, params: SamplingParams) -> tuple[Any, list[Any]]:
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
-        sampler = make_sampler(
-            temp=params.temperature,
-            top_p=params.top_p if params.top_p < 1.0 else 0.0,
-            top_k=params.top_k,
-        )
-        processors = make_logits_processors(
-            logit_bias=dict(params.logit_bias) or None,
-            repetition_penalty=params.repeat_penalty if params.repeat_penalty != 1.0 else None,
-            presence_penalty=params.presence_penalty or None,
-            frequency_penalty=params.frequency_penalty or None,
-        )
-        if params.json_schema:
-            tokenizer = structured_output.llguidance_tokenizer(self._hf)
-            processors = [*processors, structured_output.MlxSchemaProcessor(tokenizer, params.json_schema)]
-        return sampler, processors
-
     def insert(self, job: GenerationJob) -> None:
         check_token_ids(job.prompt_tokens, self.vocab_size)
         if job.params.seed is not None:
             self._mx.random.seed(job.params.seed & 0xFFFFFFFF)
-        sampler, processors = self._sampler(job.params)
+        sampler, processors = mlx_sampler(self._hf, job.params)
         (uid,) = self._generator.insert(
             [job.prompt_tokens],
             max_tokens=[job.params.max_tokens + 1],  # the scheduler ends the sequence, not the generator
@@ -130,3 +111,24 @@ class MlxChat:
     def close(self) -> None:
         self._generator.close()
         self._jobs.clear()
+
+
+def mlx_sampler(tokenizer: Any, params: SamplingParams) -> tuple[Any, list[Any]]:
+    """mlx-lm's sampler and logits processors for a request (`tokenizer`: the Hugging Face one, for schemas)."""
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    sampler = make_sampler(
+        temp=params.temperature,
+        top_p=params.top_p if params.top_p < 1.0 else 0.0,
+        top_k=params.top_k,
+    )
+    processors = make_logits_processors(
+        logit_bias=dict(params.logit_bias) or None,
+        repetition_penalty=params.repeat_penalty if params.repeat_penalty != 1.0 else None,
+        presence_penalty=params.presence_penalty or None,
+        frequency_penalty=params.frequency_penalty or None,
+    )
+    if params.json_schema:
+        schema_tokenizer = structured_output.llguidance_tokenizer(tokenizer)
+        processors = [*processors, structured_output.MlxSchemaProcessor(schema_tokenizer, params.json_schema)]
+    return sampler, processors

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chat import structured_output, templates
+from chat import templates
+from chat.mlx_engine import mlx_sampler
 from config import TierConfig
 from core.errors import InvalidRequest, ModelUnavailable
-from core.protocols import GenerationJob, SamplingParams, StepOutput, check_token_ids
+from core.protocols import GenerationJob, StepOutput, check_token_ids
 from core.turns import ImageInput, Message
 
 
@@ -150,7 +151,7 @@ class MlxVisionChat:
         media = job.media if isinstance(job.media, MlxMediaPrompt) else None
         if media is None:
             check_token_ids(job.prompt_tokens, self.vocab_size)
-        sampler, processors = _sampler(self._tokenizer, job.params)
+        sampler, processors = mlx_sampler(self._tokenizer, job.params)
         mx = self._mx
         pixels = mx.array(media.pixel_values) if media is not None else None
         steps = generate_step(
@@ -190,23 +191,3 @@ class MlxVisionChat:
 
     def close(self) -> None:
         self._running.clear()
-
-
-def _sampler(tokenizer: Any, params: SamplingParams) -> tuple[Any, list[Any]]:
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
-    sampler = make_sampler(
-        temp=params.temperature, top_p=params.top_p if params.top_p < 1.0 else 0.0, top_k=params.top_k
-    )
-    processors = make_logits_processors(
-        logit_bias=dict(params.logit_bias) or None,
-        repetition_penalty=params.repeat_penalty if params.repeat_penalty != 1.0 else None,
-        presence_penalty=params.presence_penalty or None,
-        frequency_penalty=params.frequency_penalty or None,
-    )
-    if params.json_schema:
-        processors = [
-            *processors,
-            structured_output.MlxSchemaProcessor(structured_output.llguidance_tokenizer(tokenizer), params.json_schema),
-        ]
-    return sampler, processors
