@@ -121,7 +121,15 @@ def gemma_path() -> str:
 
 
 def real_settings(extra: Mapping[str, str] | None = None) -> Settings:
-    env = {"LIGHT_N_CTX": "1024", "LIGHT_PARALLEL": "4", "LIGHT_N_THREADS": "2", **(extra or {})}
+    # No quick start: the real-model tests compare vectors across requests at 1e-6, and the quick-start copy
+    # (cosine >= 0.999, tests/test_quick_start.py) hands over to sentence-transformers whenever torch is in.
+    env = {
+        "LIGHT_N_CTX": "1024",
+        "LIGHT_PARALLEL": "4",
+        "LIGHT_N_THREADS": "2",
+        "QUICK_START_EMBEDDINGS": "false",
+        **(extra or {}),
+    }
     return load_settings(env)
 
 

@@ -32,10 +32,14 @@ def raw_post(port: int, path: str, body: dict[str, Any]) -> socket.socket:
 
 def test_a_non_streamed_request_whose_client_leaves_is_cancelled(caplog: pytest.LogCaptureFixture) -> None:
     registry = FakeRegistry()
-    with LiveServer(create_app(load_settings(FAKE_ENV), factories=registry.factories())) as live:
+    # Loaded at start-up and held: the fake writes its whole budget (the context's room) in tens of
+    # milliseconds, which could end the request before the client leaves.
+    settings = load_settings({**FAKE_ENV, "LIGHT_PRELOAD": "true"})
+    with LiveServer(create_app(settings, factories=registry.factories())) as live:
+        model = wait_for(lambda: registry.models.get("light"), "the light model loaded")
+        model.hold_gate = threading.Event()  # a step lasts until its sequences are cancelled
         body = {"model": "light", "messages": [{"role": "user", "content": "ENDLESS"}], "max_tokens": FOREVER}
         sock = raw_post(live.port, "/v1/chat/completions", body)
-        model = wait_for(lambda: registry.models.get("light"), "the light model loaded")
         job = wait_for(lambda: model.inserted and model.inserted[-1], "the request's sequence started")
         sock.close()
         wait_for(job.cancelled.is_set, "the cancel after the client left")

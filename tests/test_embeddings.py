@@ -15,7 +15,8 @@ from server import create_app
 
 pytestmark = pytest.mark.real
 
-ENV = {"LIGHT_MODEL_PATH": "", "ENABLE_CACHE": "false", "EMBEDDING_N_THREADS": "2"}
+# Vectors are compared across requests at 1e-6: no quick-start copy handing over mid-module.
+ENV = {"LIGHT_MODEL_PATH": "", "ENABLE_CACHE": "false", "EMBEDDING_N_THREADS": "2", "QUICK_START_EMBEDDINGS": "false"}
 
 
 @pytest.fixture(scope="module")
