@@ -88,6 +88,7 @@ class TierConfig:
     api_key: str = _tier_default("api_key")
     upstreams: tuple[str, ...] = _tier_default("upstreams")
     spillover_upstreams: tuple[str, ...] = _tier_default("spillover_upstreams")
+    spillover_after_ms: float = _tier_default("spillover_after_ms")
     upstream_model: str = _tier_default("upstream_model")
     upstream_api: str = _tier_default("upstream_api")
     lb_policy: str = _tier_default("lb_policy")
