@@ -9,11 +9,13 @@ clearing scans and unlinks that prefix only, never the whole database. Every cal
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-
-from redis.asyncio import Redis
+from typing import TYPE_CHECKING
 
 from config import Settings
 from scale.redis_link import FailOpen
+
+if TYPE_CHECKING:  # redis-py is imported by the link, only when a Redis URL is configured
+    from redis.asyncio import Redis
 
 SCAN_BATCH = 500  # keys per SCAN step and per UNLINK when clearing
 

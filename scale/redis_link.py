@@ -17,12 +17,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+if TYPE_CHECKING:  # redis-py is imported by `connect`, only when a Redis URL is configured
+    from redis.asyncio import Redis
 
 log = logging.getLogger("llmservice.redis")
 T = TypeVar("T")
@@ -43,6 +42,10 @@ def redacted(url: str) -> str:
 
 def connect(url: str, timeout: float) -> Redis:
     """A client whose every socket operation gives up after `timeout` seconds, with no retries."""
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
     client: Redis = Redis.from_url(
         url,
         socket_timeout=timeout,

@@ -12,7 +12,6 @@ from config import Settings
 from middleware.limits import Limiter
 from scale.redis_limits import RedisLimiter
 from scale.redis_link import FailOpen
-from scale.redis_locks import RedisLocks
 from scale.redis_store import RedisStore
 from sessions.locks import LocalLocks, TurnLocks
 from sessions.store import MemoryStore, RecordStore
@@ -31,7 +30,11 @@ class Shared:
     @property
     def turn_locks(self) -> TurnLocks:
         """One turn at a time per session: across replicas when the sessions live in Redis."""
-        return RedisLocks(self._redis_store) if self._redis_store is not None else LocalLocks()
+        if self._redis_store is None:
+            return LocalLocks()
+        from scale.redis_locks import RedisLocks  # redis-py only when sessions live in Redis
+
+        return RedisLocks(self._redis_store)
 
     @classmethod
     def build(cls, settings: Settings, cache: ResponseCache) -> Shared:
