@@ -31,13 +31,13 @@ import ctypes
 import itertools
 import logging
 import os
-import random
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from chat import structured_output, templates, vision
+from chat.llama_sampling import build_sampler
 from chat.ngram_draft import NgramDrafter
 from config import TierConfig
 from core.errors import BackendError, InvalidRequest
@@ -45,7 +45,6 @@ from core.protocols import GenerationJob, SamplingParams, StepOutput, check_toke
 from core.turns import ImageInput, Message
 
 log = logging.getLogger("llmservice.llamacpp")
-PENALTY_WINDOW = 64  # tokens of history the repetition penalties look at
 # A copy moves a whole KV stream (N_CTX cells: 74 MB for Gemma 270M at 4096, ~12 ms here) whatever the
 # prefix, so a shorter gain is prefilled instead; and a slot whose content goes on past the prompt's prefix
 # by no more than this counts as starting the prompt (what it loses is cheap to recompute).
@@ -255,42 +254,6 @@ class LlamaCppChat:
         lib.llama_sampler_accept(state.sampler, token)
         return token
 
-    def _make_sampler(self, params: SamplingParams) -> Any:
-        lib = self._lib
-        if any(not 0 <= token < self._n_vocab for token, _ in params.logit_bias):
-            raise InvalidRequest(
-                f"logit_bias names a token outside the vocabulary (0..{self._n_vocab - 1})", param="logit_bias"
-            )
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        add = lambda sampler: lib.llama_sampler_chain_add(chain, sampler)  # noqa: E731
-        if params.logit_bias:
-            biases = (lib.llama_logit_bias * len(params.logit_bias))(*params.logit_bias)
-            add(lib.llama_sampler_init_logit_bias(self._n_vocab, len(params.logit_bias), biases))
-        repeat = params.repeat_penalty or 1.0
-        if repeat != 1.0 or params.frequency_penalty or params.presence_penalty:
-            keep = 1 if params.temperature <= 0.0 else params.top_k
-            if keep > 0 and repeat >= 1.0 and params.frequency_penalty >= 0 and params.presence_penalty >= 0:
-                # Penalties only lower logits, and of at most PENALTY_WINDOW tokens, so the top `keep` after
-                # them lie within the top keep + PENALTY_WINDOW before them. Pruning first makes the
-                # penalty pass ~100 candidates instead of the whole vocabulary (2 ms -> 0.4 ms on Gemma).
-                add(lib.llama_sampler_init_top_k(keep + PENALTY_WINDOW))
-            add(
-                lib.llama_sampler_init_penalties(
-                    self._n_vocab, PENALTY_WINDOW, repeat, params.frequency_penalty, params.presence_penalty
-                )
-            )
-        if params.temperature <= 0.0:
-            add(lib.llama_sampler_init_greedy())
-            return chain
-        if params.top_k > 0:
-            add(lib.llama_sampler_init_top_k(params.top_k))
-        if params.top_p < 1.0:
-            add(lib.llama_sampler_init_top_p(params.top_p, 1))
-        add(lib.llama_sampler_init_temp(params.temperature))
-        seed = params.seed if params.seed is not None else random.getrandbits(32)
-        add(lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
-
     # ------------------------------------------------------------ sequences
 
     def insert(self, job: GenerationJob) -> None:
@@ -302,7 +265,7 @@ class LlamaCppChat:
         if media is None:
             check_token_ids(prompt, self._n_vocab)  # an unknown id would fail the whole batch's decode
         matcher = self._make_matcher(job.params)  # both may refuse the request: before any KV change
-        sampler = self._make_sampler(job.params)
+        sampler = build_sampler(self._lib, self._n_vocab, job.params)
         slot = self._destination(free, prompt)
         # The last prompt token is always decoded: its logits give the first sampled token.
         reuse = self._prefix_reuse and media is None  # a KV prefix never stands for an image
