@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chat import structured_output, templates, vision
-from chat.llama_sampling import build_sampler
+from chat.llama_sampling import PrunedSampler, build_sampler, sample
 from chat.ngram_draft import NgramDrafter
 from config import TierConfig
 from core.errors import BackendError, InvalidRequest
@@ -81,7 +81,7 @@ class _Sequence:
     job: GenerationJob
     slot: _Slot
     pending: list[int]  # prompt tokens not yet decoded
-    sampler: Any
+    sampler: PrunedSampler
     decoder: Any
     matcher: Any = None  # llguidance matcher when the output must follow a JSON schema
     last_token: int | None = None  # sampled, not yet fed to the model
@@ -248,10 +248,10 @@ class LlamaCppChat:
         allowed = structured_output.allowed_tokens(state.matcher, self._n_vocab)
         candidates = self._candidates
         candidates.copy_logits(np.where(allowed, logits, -np.inf).astype(np.float32))
-        lib.llama_sampler_apply(state.sampler, ctypes.byref(candidates.candidates))
+        lib.llama_sampler_apply(state.sampler.chain, ctypes.byref(candidates.candidates))
         token = int(candidates.candidates_data.id[candidates.candidates.selected])
         state.matcher.consume_token(token)
-        lib.llama_sampler_accept(state.sampler, token)
+        lib.llama_sampler_accept(state.sampler.chain, token)
         return token
 
     # ------------------------------------------------------------ sequences
@@ -366,7 +366,7 @@ class LlamaCppChat:
         if state is None:
             return
         state.slot.busy = False  # its KV stays for prefix reuse; the next insert trims it
-        self._lib.llama_sampler_free(state.sampler)
+        self._lib.llama_sampler_free(state.sampler.chain)
         if job.media is not None:
             job.media.close()
 
@@ -488,7 +488,7 @@ class LlamaCppChat:
 
     def _sample_at(self, state: _Sequence, index: int) -> int:
         if state.matcher is None:
-            return self._lib.llama_sampler_sample(state.sampler, self._ctx.ctx, index)
+            return sample(self._lib, self._ctx.ctx, index, state.sampler, self._n_vocab)
         return self._sample_constrained(state, index)
 
     def _emit(self, state: _Sequence, token: int, outputs: list[StepOutput]) -> bool:
