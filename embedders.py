@@ -73,6 +73,9 @@ class SentenceTransformerEmbedder:
 
             torch.set_num_threads(tier.n_threads)
         self.model = SentenceTransformer(path, device="cpu", local_files_only=True)
+        self.model.eval()
+        prompt_name = self.model.default_prompt_name  # what `encode` would prepend to every text
+        self._prompt = self.model.prompts.get(prompt_name) if prompt_name else None
         self.tokenizer = self.model.tokenizer
         self.dimension = int(self.model.get_embedding_dimension() or 0)
         self.max_input_tokens = int(self.model.max_seq_length or tier.n_ctx)
@@ -82,10 +85,33 @@ class SentenceTransformerEmbedder:
         return [len(ids) for ids in encoded]
 
     def embed(self, texts: Sequence[str], types: Sequence[str], truncate: bool) -> EmbeddingResult:
+        """Tokenized once, as `encode` would (its preprocessing, prompt and cut at max_seq_length), then counted
+        from the attention mask: only a text that reaches the cut is tokenized again, whole, to be counted."""
+        import torch
+
         check_types(types, self.supported_types)
+        texts = list(texts)
+        features = self.model.preprocess(texts, prompt=self._prompt)
+        mask = features.get("attention_mask")
+        if not isinstance(mask, torch.Tensor):  # a model without one: the two-pass way
+            return self._embed_twice(texts, truncate)
+        counts = [int(n) for n in mask.sum(dim=1).tolist()]
+        at_cut = [i for i, n in enumerate(counts) if n >= self.max_input_tokens]
+        if at_cut:
+            for i, whole in zip(at_cut, self.count_tokens([texts[i] for i in at_cut]), strict=True):
+                counts[i] = whole
+        check_lengths(counts, self.max_input_tokens, truncate)
+        with torch.inference_mode():
+            vectors = self.model(features)["sentence_embedding"]
+        return EmbeddingResult(
+            dense=vectors.float().numpy().tolist(),
+            token_counts=[min(c, self.max_input_tokens) for c in counts],
+        )
+
+    def _embed_twice(self, texts: list[str], truncate: bool) -> EmbeddingResult:
         counts = self.count_tokens(texts)
         check_lengths(counts, self.max_input_tokens, truncate)
-        vectors = self.model.encode(list(texts), batch_size=64, convert_to_numpy=True, show_progress_bar=False)
+        vectors = self.model.encode(texts, batch_size=64, convert_to_numpy=True, show_progress_bar=False)
         return EmbeddingResult(
             dense=vectors.astype("float32").tolist(),
             token_counts=[min(c, self.max_input_tokens) for c in counts],

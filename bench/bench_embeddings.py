@@ -94,16 +94,12 @@ async def sequential(url: str, texts: list[str], batch: int) -> float:
 
 
 async def concurrent(url: str, texts: list[str], clients: int) -> float:
-    async def one_client(client: httpx.AsyncClient, mine: list[str]) -> None:
-        for text in mine:
-            r = await client.post(f"{url}/v1/embeddings", json={"model": "embedding", "input": text})
-            r.raise_for_status()
+    """Texts per second from `clients` kept-alive connections, one sentence per request (bench/raw_client.py:
+    a lean client, so the cores go to the server)."""
+    from raw_client import closed_loop
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        started = time.perf_counter()
-        await asyncio.gather(*(one_client(client, texts[c::clients]) for c in range(clients)))
-        return len(texts) / (time.perf_counter() - started)
+    bodies = [{"model": "embedding", "input": text} for text in texts]
+    return await closed_loop(url, "/v1/embeddings", bodies, clients)
 
 
 def load_in_process(threads: int) -> Any:

@@ -19,10 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,6 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_embeddings import in_process, load_in_process, sentences, start_server  # noqa: E402
 from bench_llm import free_port, stop, wait_ready  # noqa: E402
+from raw_client import closed_loop  # noqa: E402
 from report import write_section  # noqa: E402
 
 CLIENTS = 16
@@ -37,17 +35,14 @@ TEXTS = 480
 
 
 async def concurrent(url: str, model: str, texts: list[str]) -> float:
-    async def one_client(client: httpx.AsyncClient, mine: list[str]) -> None:
-        for text in mine:
-            response = await client.post(f"{url}/embeddings", json={"model": model, "input": [text]})
-            response.raise_for_status()
-
-    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
-    async with httpx.AsyncClient(timeout=900, limits=limits) as client:  # the warm-up loads the model
-        await one_client(client, texts[:4])  # warm-up
-        started = time.perf_counter()
-        await asyncio.gather(*(one_client(client, texts[c::CLIENTS]) for c in range(CLIENTS)))
-        return len(texts) / (time.perf_counter() - started)
+    """Texts per second from CLIENTS kept-alive connections (bench/raw_client.py: a lean client, so the
+    cores go to the server), after a warm-up request that loads the model."""
+    base, _, prefix = url.partition("//")[2].partition("/")
+    root = f"http://{base}"
+    path = f"/{prefix}/embeddings" if prefix else "/embeddings"
+    bodies = [{"model": model, "input": [text]} for text in texts]
+    await closed_loop(root, path, bodies[:4], 1)  # warm-up
+    return await closed_loop(root, path, bodies, CLIENTS)
 
 
 def start_infinity(binary: str, model_dir: str) -> tuple[subprocess.Popen[bytes], str]:

@@ -98,6 +98,7 @@ def measure_levels(base_url: str, model: str, levels: tuple[int, ...] = LEVELS) 
         rows.append(row)
         print(
             f"  c={level}: {row['tok_s']:.1f} tok/s, TTFT p50 {row['ttft_p50'] * 1000:.0f} ms, errors {row['errors']}"
+            + (f" ({', '.join(row['error_kinds'])})" if row["errors"] else "")
         )
     return rows
 
