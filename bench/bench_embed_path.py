@@ -3,9 +3,9 @@
 Starts `server.py` (only the embedding tier, MiniLM, 1 thread, cache off, no quick start) from this tree
 and, with `--root`, from other trees too (A/B: the same setups alternate within each round), then per
 round and server:
-  - batch-1 latency: sequential one-sentence requests (httpx.Client, kept-alive connection), median ms;
+  - batch-1 latency: sequential one-sentence requests (one kept-alive connection, bench/raw_client.py), median ms;
   - server CPU per batch-1 request (from /proc/<pid>/stat), ms;
-  - 16 concurrent clients, one sentence per request (httpx.AsyncClient), texts/s;
+  - 16 concurrent clients, one sentence per request (bench/raw_client.py), texts/s;
 and in-process sentence-transformers: batch-1 encode latency (median ms) and batch-32 texts/s.
 Prints a table and the 1-minute load average; writes nothing.
 
@@ -29,6 +29,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_embeddings import concurrent, load_in_process, sentences, start_server  # noqa: E402
+from raw_client import RawConnection  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,17 +40,27 @@ def cpu_seconds(pid: int) -> float:
 
 
 def batch1(url: str, pid: int, texts: list[str]) -> tuple[float, float]:
-    """Median latency (ms) of sequential one-sentence requests, and the server's CPU ms per request."""
-    times = []
-    with httpx.Client(base_url=url, timeout=120) as client:
-        client.post("/v1/embeddings", json={"model": "embedding", "input": "warm the connection"})
-        cpu = cpu_seconds(pid)
-        for text in texts:
-            start = time.perf_counter()
-            client.post("/v1/embeddings", json={"model": "embedding", "input": text}).raise_for_status()
-            times.append(time.perf_counter() - start)
-        cpu = cpu_seconds(pid) - cpu
-    return statistics.median(times) * 1000, cpu / len(texts) * 1000
+    """Median latency (ms) of sequential one-sentence requests on one kept-alive connection (the lean
+    client of bench/raw_client.py), and the server's CPU ms per request."""
+
+    async def run() -> tuple[float, float]:
+        connection = await RawConnection.open(url)
+        try:
+            await connection.post("/v1/embeddings", {"model": "embedding", "input": "warm the connection"})
+            times = []
+            cpu = cpu_seconds(pid)
+            for text in texts:
+                start = time.perf_counter()
+                status, body = await connection.post("/v1/embeddings", {"model": "embedding", "input": text})
+                times.append(time.perf_counter() - start)
+                if status != 200:
+                    raise RuntimeError(f"HTTP {status}: {body[:200]!r}")
+            cpu = cpu_seconds(pid) - cpu
+        finally:
+            connection.close()
+        return statistics.median(times) * 1000, cpu / len(texts) * 1000
+
+    return asyncio.run(run())
 
 
 def main() -> None:

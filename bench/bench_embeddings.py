@@ -59,7 +59,7 @@ def start_server(
         "RERANKER_MODEL_PATH": "",
         "RERANKER_BACKEND": "",
         "ENABLE_CACHE": "false",
-        "EMBEDDING_N_THREADS": str(threads),
+        "EMBEDDING_N_THREADS": str(threads) if threads else "",  # 0: the default, every core
         "EMBEDDING_MAX_QUEUE": "256",
         "EMBEDDING_BATCH_WAIT_MS": str(wait_ms),
         "LOG_LEVEL": "warning",

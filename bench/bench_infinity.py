@@ -76,37 +76,48 @@ def main() -> None:
 
     model_dir = str(get_model_path())
     texts = sentences(TEXTS)
-    ours, theirs = [], []
+    cores = os.cpu_count() or 1
+    # ours with 1 torch thread (the model on one core, HTTP on the other) and with its default (every core)
+    setups = {"ours, 1 thread": 1, f"ours, default ({cores} threads)": 0}
+    samples: dict[str, list[float]] = {name: [] for name in [*setups, "Infinity"]}
     for round_number in range(args.rounds):
-        process, url = start_server(1, Path(tempfile.mkdtemp()) / ".port", 5.0)
-        try:
-            ours.append(asyncio.run(concurrent(url + "/v1", "embedding", texts)))
-        finally:
-            stop(process)
+        for name, threads in setups.items():
+            process, url = start_server(threads, Path(tempfile.mkdtemp()) / ".port", 5.0)
+            try:
+                samples[name].append(asyncio.run(concurrent(url + "/v1", "embedding", texts)))
+            finally:
+                stop(process)
         process, url = start_infinity(args.infinity, model_dir)
         try:
-            theirs.append(asyncio.run(concurrent(url, model_dir, texts)))
+            samples["Infinity"].append(asyncio.run(concurrent(url, model_dir, texts)))
         finally:
             stop(process)
-        print(f"round {round_number + 1}: ours {ours[-1]:.0f} texts/s, infinity {theirs[-1]:.0f} texts/s")
-    model = load_in_process(1)
-    batch32 = statistics.median(in_process(model, texts, 32) for _ in range(3))
-    a, b = statistics.median(ours), statistics.median(theirs)
+        print(f"round {round_number + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in samples.items()), flush=True)
+    in_proc = {}
+    for threads in (1, cores):
+        model = load_in_process(threads)
+        in_proc[threads] = statistics.median(in_process(model, texts, 32) for _ in range(3))
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    one, default = median["ours, 1 thread"], median[f"ours, default ({cores} threads)"]
+    rows = [f"| {name} | {', '.join(f'{x:.0f}' for x in got)} | {median[name]:.0f} |" for name, got in samples.items()]
+    rows += [f"| sentence-transformers in-process, batch 32, {t} thread(s) | | {v:.0f} |" for t, v in in_proc.items()]
     body = "\n".join(
         [
-            f"{CLIENTS} concurrent clients, one sentence per request, {TEXTS} distinct sentences, all-MiniLM-L6-v2 "
-            "(the packaged model), 1 torch thread for our server and in-process (our default here), "
-            f"Infinity with its defaults; {args.rounds} alternating rounds, a fresh server each; medians. "
-            "Infinity (`infinity-emb[all]`, torch engine, CPU) runs in its own venv.",
+            f"{CLIENTS} concurrent clients (bench/raw_client.py: one kept-alive connection each), one sentence per "
+            f"request, {TEXTS} distinct sentences, all-MiniLM-L6-v2 (the packaged model); our server with "
+            "`EMBEDDING_BATCH_WAIT_MS=5` and cache off, Infinity with its defaults (torch engine, CPU, a thread per "
+            f"core) in its own venv; {args.rounds} alternating rounds, a fresh server each; medians. "
+            "`.venv/bin/python bench/bench_infinity.py --infinity <infinity_emb>`.",
             "",
             "| setup | texts/s per round | median |",
             "|---|---|---|",
-            f"| llmservice (`EMBEDDING_BATCH_WAIT_MS=5`) | {', '.join(f'{x:.0f}' for x in ours)} | {a:.0f} |",
-            f"| Infinity | {', '.join(f'{x:.0f}' for x in theirs)} | {b:.0f} |",
-            f"| sentence-transformers in-process, batch 32 | | {batch32:.0f} |",
+            *rows,
             "",
-            f"- ours / Infinity = {a / b:.2f} (issue 17 target >= 2); ours / in-process batch 32 = "
-            f"{a / batch32:.2f} (issue 17 target >= 0.75). 1-minute load average at the end: {os.getloadavg()[0]:.1f}.",
+            f"- ours / Infinity: {one / median['Infinity']:.2f} with 1 thread, {default / median['Infinity']:.2f} "
+            "at our default (issue 17 target >= 2).",
+            f"- ours / in-process batch 32 at the same threads: {one / in_proc[1]:.2f} with 1 thread, "
+            f"{default / in_proc[cores]:.2f} with {cores} (issue 17 target >= 0.75).",
+            f"- 1-minute load average at the end: {os.getloadavg()[0]:.1f}.",
         ]
     )
     print(body)
