@@ -8,7 +8,6 @@ to its owner thread (microbatch.py) -> shape the client's wire format.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import math
@@ -131,8 +130,7 @@ async def embed_texts(
     async def compute(missing: list[str]) -> list[dict[str, Any]]:
         async with app_state(request).manager.lease(tier.name, tier) as worker:
             _check_dimensions(want, int(worker.model.dimension))
-            future = worker.submit_batch(("embed", types, truncate), missing, _embed_run(types, truncate))
-            rows: list[Embedded] = await asyncio.wrap_future(future)
+            rows: list[Embedded] = await worker.gather(("embed", types, truncate), missing, _embed_run(types, truncate))
         return [_row_json(row) for row in rows]
 
     options = {"types": list(types), "truncate": truncate}
@@ -310,8 +308,9 @@ async def rerank_core(request: Request, body: RerankRequest) -> tuple[list[Ranke
     async def compute() -> dict[str, Any]:
         async with app_state(request).manager.lease(tier.name, tier) as worker:
             pairs = [(body.query, text) for text in texts]
-            future = worker.submit_batch(("rerank", body.truncate), pairs, _rerank_run(body.truncate))
-            rows: list[tuple[float, int, int]] = await asyncio.wrap_future(future)
+            rows: list[tuple[float, int, int]] = await worker.gather(
+                ("rerank", body.truncate), pairs, _rerank_run(body.truncate)
+            )
             logits = bool(worker.model.scores_are_logits)
         scores = [float(score if body.raw_scores else _to_unit_interval(score, logits)) for score, _, _ in rows]
         return {"scores": scores, "tokens": int(rows[0][1] + sum(d for _, _, d in rows))}

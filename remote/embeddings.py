@@ -15,6 +15,7 @@ does before its first byte: only on faults, and a 4xx is passed through.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -299,6 +300,12 @@ class RemoteWorker:
     ) -> Future[list[object]]:
         """Run `run(model, items)` on a thread now (no merging: the upstream batches)."""
         return self._enqueue(lambda: list(run(self.model, items)))
+
+    async def gather(
+        self, key: Hashable, items: Sequence[T], run: Callable[[object, Sequence[T]], Sequence[object]]
+    ) -> list[object]:
+        """`submit_batch`, awaited (the seam BatchWorker.gather offers the routes)."""
+        return await asyncio.wrap_future(self.submit_batch(key, items, run))
 
     def submit(self, fn: Callable[[object], object]) -> Future[object]:
         return self._enqueue(lambda: fn(self.model))
