@@ -7,7 +7,8 @@ after its last byte). Loading happens on the model's own thread (scheduler.py), 
 never blocks.
 
 Idle unload: a tier with `{TIER}_TTL` > 0 is unloaded that many seconds after its last request
-finished; a tier with a request in flight (or waiting for it) is never unloaded.
+finished; a tier with a request in flight (or waiting for it) is never unloaded (manager/idle.py, with
+Ollama's keep_alive).
 
 Memory budget (`MAX_MEMORY_GB` > 0): a load reserves the model's estimated size (its files on disk).
 When it does not fit, idle tiers are unloaded, lowest `{TIER}_PRIORITY` first and then least recently
@@ -16,10 +17,8 @@ queue timeout) for a busy tier to become idle, then gives up with 503 and Retry-
 measured around each load is logged and reported.
 
 Swap (`change_tier`, the admin API): a tier's new model loads beside the old one, then new requests go
-to it at once while those already holding the old one finish on it (a request that resolved the old
-settings just before the switch is served there too); then the old one unloads. When MAX_MEMORY_GB cannot
-hold both, the old one drains and unloads first and new requests wait for the new one (manager/swap.py).
-The settings change is kept in `overrides` and saved (models_admin/overrides.py).
+to it while those holding the old one finish on it; then the old one unloads (manager/tier_changes.py;
+manager/swap.py when MAX_MEMORY_GB cannot hold both). The settings change is kept in `overrides`.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from cache import skip_storing
 from chat.local import LocalChat
 from chat.scheduler import ChatScheduler
 from config import ConfigError, Settings, TierConfig, apply_overrides
-from core.errors import Conflict, InvalidRequest, ModelUnavailable, Overloaded, ServiceError, ShuttingDown
+from core.errors import Conflict, ModelUnavailable, Overloaded, ServiceError, ShuttingDown
 from core.microbatch import BatchWorker
 from core.protocols import Factory
 from core.turns import ChatBackend
@@ -46,9 +45,11 @@ from isolation.chat import IsolatedChat
 from isolation.models import isolated_batch_worker
 from isolation.supervisor import CrashReport, Restarts
 from manager.factories import import_all, warm_modules
+from manager.idle import IdleUnloads
 from manager.memory import estimate_model_bytes, rss_bytes
 from manager.slots import ChatSlots
-from manager.swap import SwapGates, replace_in_place
+from manager.swap import SwapGates
+from manager.tier_changes import TierChanges
 from models_admin.overrides import Overrides, OverrideStore
 
 if TYPE_CHECKING:  # imported by its factory, only when a tier is remote
@@ -85,6 +86,11 @@ class TierRuntime:
     def idle_since(self) -> float:
         return self.last_use or self.loaded_at
 
+    @property
+    def idle(self) -> bool:
+        """Loaded with no request holding it: only then may the TTL or the memory budget unload it."""
+        return self.state == READY and self.in_flight == 0
+
 
 class ModelManager:
     def __init__(
@@ -106,16 +112,12 @@ class ModelManager:
         self.clock = clock
         self.estimator = estimator
         self.tiers = {name: TierRuntime(config) for name, config in self.settings.tiers.items()}
-        self._staging: list[TierRuntime] = []  # new models of tiers being swapped, loading
-        self._retiring: list[TierRuntime] = []  # swapped-out models finishing their requests
-        self._swapping: set[str] = set()
-        self._saving = asyncio.Lock()  # one write at a time, each of the newest overrides
-        self._background: set[asyncio.Task[None]] = set()
         self.closing = False
         self.budget_bytes = int(settings.max_memory_gb * 1024**3)
         self._budget_lock = asyncio.Lock()
         self._freed = asyncio.Event()  # set when a lease ends or a tier unloads: memory may be free
-        self._idle_task: asyncio.Task[None] | None = None
+        self.idle_unloads = IdleUnloads(self)  # TTL and keep_alive unloads (manager/idle.py)
+        self.tier_changes = TierChanges(self)  # swapping a tier's model at run time (manager/tier_changes.py)
         self.gates = SwapGates()  # tiers replacing their model in place (manager/swap.py)
         self.slots = ChatSlots(self, settings.max_loaded_chat_tiers)  # MAX_LOADED_CHAT_TIERS (manager/slots.py)
 
@@ -127,7 +129,8 @@ class ModelManager:
 
     @property
     def used_bytes(self) -> int:
-        return sum(t.reserved_bytes for t in (*self.tiers.values(), *self._staging, *self._retiring))
+        changes = self.tier_changes  # models loading beside a tier's, or finishing after it
+        return sum(t.reserved_bytes for t in (*self.tiers.values(), *changes.staging, *changes.retiring))
 
     def status(self, tier: str) -> dict[str, Any]:
         rt = self.tiers[tier]
@@ -166,13 +169,13 @@ class ModelManager:
         out["source"] = "admin" if tier in self.overrides else "env"
         if tier in self.overrides:
             out["overrides"] = dict(self.overrides[tier])
-        if tier in self._swapping:
+        if tier in self.tier_changes.swapping:
             out["swapping"] = True
         if self.gates.closed(tier):  # replaced in place: new requests wait for the new model
             out["replacing_in_place"] = {"waiting": self.gates.waiting.get(tier, 0)}
         if self.slots.applies(rt):
             out["waiting_to_load"] = sum(1 for w in self.slots.waiting if w.rt is rt)
-        old = [t for t in self._retiring if t.config.name == tier]
+        old = [t for t in self.tier_changes.retiring if t.config.name == tier]
         if old:
             out["retiring"] = [{"model": t.config.model_id, "in_flight": t.in_flight} for t in old]
         return out
@@ -250,7 +253,9 @@ class ModelManager:
         if worker is not None:  # its threads on this side end too
             asyncio.get_running_loop().run_in_executor(None, worker.shutdown)
 
-    async def _load(self, rt: TierRuntime, patience: float | None = None) -> None:
+    async def load_runtime(self, rt: TierRuntime, patience: float | None = None) -> None:
+        """Load `rt` (a tier's model, or one a swap stages) under the memory budget; a failure marks it
+        failed. `patience`: how long to wait for memory (default the tier's queue timeout)."""
         rt.reason = ""
         try:
             await self._reserve(rt, patience)
@@ -311,11 +316,7 @@ class ModelManager:
                     rt.reserved_bytes = need
                     return
                 idle = sorted(
-                    (
-                        t
-                        for t in self.tiers.values()
-                        if t.config.name != name and t.state == READY and t.in_flight == 0 and not t.config.pin
-                    ),
+                    (t for t in self.tiers.values() if t.config.name != name and t.idle and not t.config.pin),
                     key=lambda t: (t.config.priority, t.idle_since),
                 )
                 if need <= free + sum(t.reserved_bytes for t in idle):
@@ -369,7 +370,7 @@ class ModelManager:
         rt = self.tiers[tier]
         if rt.state in (UNLOADED, FAILED) and rt.loading is None:
             rt.state = LOADING
-            rt.loading = asyncio.ensure_future(self._load(rt))
+            rt.loading = asyncio.ensure_future(self.load_runtime(rt))
             rt.loading.add_done_callback(lambda future, rt=rt: self._load_done(rt, future))
 
     def _load_done(self, rt: TierRuntime, future: asyncio.Future[None]) -> None:
@@ -425,7 +426,7 @@ class ModelManager:
             rt.in_flight -= 1
             rt.last_use = self.clock()
             self._freed.set()
-            self._release_if_asked(rt)
+            self.idle_unloads.release_if_asked(rt)
             if rt.drained is not None and rt.in_flight == 0:
                 rt.drained.set()
 
@@ -438,7 +439,7 @@ class ModelManager:
             if current is None:
                 raise ModelUnavailable(f"The {tier} tier is off", headers={"Retry-After": "1"})
             return current
-        for old in self._retiring:
+        for old in self.tier_changes.retiring:
             if old.config == config and old.worker is not None:
                 return old
         skip_storing()
@@ -471,202 +472,34 @@ class ModelManager:
         self._freed.set()
         log.info("tier %s unloaded %s in %.2fs", rt.config.name, rt.config.model_id, rt.unload_seconds)
 
-    def idle_expired(self) -> list[str]:
-        """Ready tiers whose TTL has passed since their last request finished, with nothing in flight."""
-        now = self.clock()
-        return [
-            name
-            for name, rt in self.tiers.items()
-            if rt.config.ttl > 0
-            and rt.state == READY
-            and rt.in_flight == 0
-            and now - rt.idle_since >= rt.config.ttl
-            and now >= rt.keep_until
-        ]
-
     def keep_alive(self, tier: str, seconds: float) -> None:
-        """Ollama's `keep_alive`, told when a request ends: keep the tier loaded at least `seconds` from now
-        (math.inf: for ever; the TTL decides after that), or with 0 unload it once no request holds it.
-        The last request's value replaces the one before, as in Ollama."""
-        rt = self.tiers[tier]
-        rt.keep_until = self.clock() + seconds if seconds > 0 else 0.0
-        rt.release_when_idle = seconds <= 0
-        self._release_if_asked(rt)
+        """Ollama's `keep_alive`, told when a request ends (manager/idle.py)."""
+        self.idle_unloads.keep_alive(tier, seconds)
 
     async def release(self, tier: str) -> bool:
         """Unload the tier now if nothing holds it (True), else once its last request ends (False)."""
-        rt = self.tiers[tier]
-        rt.keep_until = 0.0
-        if rt.in_flight == 0 and rt.state != LOADING:
-            rt.release_when_idle = False
-            await self._unload(rt)
-            return True
-        rt.release_when_idle = True
-        return False
-
-    def _release_if_asked(self, rt: TierRuntime) -> None:
-        if rt.release_when_idle and rt.in_flight == 0 and rt.state == READY:
-            task = asyncio.ensure_future(self._release_idle(rt))  # a lease's end must not wait for it
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-    async def _release_idle(self, rt: TierRuntime) -> None:
-        # Checked again here: a request may have taken the tier since the task was made.
-        if rt.release_when_idle and rt.in_flight == 0 and rt.state == READY and self.tiers.get(rt.config.name) is rt:
-            rt.release_when_idle = False
-            log.info("tier %s: unloading now that it is idle, as a request asked", rt.config.name)
-            await self._unload(rt)
+        return await self.idle_unloads.release(tier)
 
     async def unload_idle(self) -> list[str]:
-        unloaded = []
-        for name in self.idle_expired():
-            rt = self.tiers[name]
-            if rt.in_flight == 0 and rt.state == READY:  # re-checked: an earlier unload awaited
-                log.info("tier %s idle for %.0fs (TTL): unloading", name, self.clock() - rt.idle_since)
-                await self.unload(name, force=False)
-                unloaded.append(name)
-        return unloaded
+        """Unload the tiers whose TTL has passed since their last request; their names."""
+        return await self.idle_unloads.unload_idle()
 
     def start_idle_watch(self) -> None:
         """Check TTLs in the background (only when some tier has one)."""
-        ttls = [rt.config.ttl for rt in self.tiers.values() if rt.config.ttl > 0]
-        if ttls and self._idle_task is None:
-            self._idle_task = asyncio.ensure_future(self._watch_idle(max(0.05, min(1.0, min(ttls) / 4))))
-
-    async def _watch_idle(self, poll: float) -> None:
-        while not self.closing:
-            await asyncio.sleep(poll)
-            try:
-                await self.unload_idle()
-            except Conflict:
-                continue  # a request arrived while we unloaded another tier: next round
+        self.idle_unloads.start()
 
     async def close(self) -> None:
         self.closing = True
-        if self._idle_task is not None:
-            self._idle_task.cancel()
+        self.idle_unloads.stop()
         for tier in list(self.tiers):
             await self.unload(tier)
-        for rt in (*self._staging, *self._retiring):
+        for rt in (*self.tier_changes.staging, *self.tier_changes.retiring):
             await self._unload(rt)
 
     # ------------------------------------------------------------ changing a tier's model at run time
 
     async def change_tier(self, tier: str, changes: Mapping[str, str] | None) -> None:
         """Serve `tier` with `changes` (TIER_KEYS names -> text) over its environment settings, or with
-        those settings again (None). A new model loads first, beside the old one; if it fails, nothing
-        changes and the error says why. Then new requests go to it, and the old one unloads once its
-        requests are done (after DRAIN_TIMEOUT what is left is cancelled)."""
-        if tier in self._swapping:
-            raise Conflict(f"A change of the {tier} tier is under way; retry when it is done")
-        config = self._changed(tier, changes)[1].tiers.get(tier)  # a bad value is refused before any load
-        current = self.tiers.get(tier)
-        same = current is not None and config == current.config
-        self._swapping.add(tier)
-        try:
-            staged = None if config is None or same else await self._stage_or_replace(tier, config)
-            try:
-                if self.closing:
-                    raise ShuttingDown("The server is shutting down", retry_after=5)
-                self.overrides, self.settings = self._changed(tier, changes)  # other tiers may have changed
-            except ServiceError:
-                if staged is not None:
-                    self._retire(staged)
-                raise
-            if not same:
-                self._switch(tier, staged)
-        finally:
-            self._swapping.discard(tier)
-            self.gates.open(tier)  # requests held by an in-place replacement go on, on the tier's model now
-        try:
-            async with self._saving:
-                await asyncio.to_thread(self.store.save, dict(self.overrides))
-        except OSError as exc:
-            log.warning("the change of the %s tier holds until restart: saving it failed (%s)", tier, exc)
-
-    def _changed(self, tier: str, changes: Mapping[str, str] | None) -> tuple[Overrides, Settings]:
-        overrides = {name: values for name, values in self.overrides.items() if name != tier}
-        if changes is not None:
-            overrides[tier] = dict(changes)
-        try:
-            return overrides, apply_overrides(self.base_settings, overrides)
-        except ConfigError as exc:
-            raise InvalidRequest(str(exc)) from None
-
-    async def _stage_or_replace(self, tier: str, config: TierConfig) -> TierRuntime:
-        """Load the new model beside the old one; when the memory budget cannot hold both, replace the old
-        one in place: drain, unload, load (manager/swap.py)."""
-        try:
-            return await self.stage(config)
-        except Overloaded:
-            old = self.tiers.get(tier)
-            if old is None or old.worker is None or self.closing:
-                raise
-            idle = sum(
-                t.reserved_bytes
-                for t in self.tiers.values()
-                if t is not old and t.state == READY and t.in_flight == 0 and not t.config.pin
-            )
-            if self.estimator(config) > self.budget_bytes - self.used_bytes + old.reserved_bytes + idle:
-                raise  # even without the old model it does not fit: other tiers are busy or pinned
-        self.gates.close(tier)
-        return await replace_in_place(self, tier, old, config)
-
-    async def stage(self, config: TierConfig) -> TierRuntime:
-        """Load `config` beside the tier's current model (no waiting for memory: the admin hears at once)."""
-        staged = TierRuntime(config)
-        self._staging.append(staged)
-        try:
-            await self._load(staged, patience=0.0)
-        except Overloaded:
-            raise Overloaded(
-                f"Not enough memory under MAX_MEMORY_GB for the {config.name} tier's new model, even without its "
-                "current one: other tiers are busy or pinned; retry, or unload them first",
-                retry_after=5,
-            ) from None
-        finally:
-            self._staging.remove(staged)
-        if staged.state != READY:
-            raise ModelUnavailable(
-                f"The {config.name} tier's new model could not be loaded: {staged.reason}; the tier is unchanged"
-            )
-        return staged
-
-    def _switch(self, tier: str, staged: TierRuntime | None) -> None:
-        """From here on new requests lease `staged` (None: the tier is off); nothing awaits in between,
-        and `self.settings`, which the routes resolve with, changed just before."""
-        old = self.tiers.get(tier)
-        runtimes = {**self.tiers}
-        if staged is not None:
-            runtimes[tier] = staged
-        self.tiers = {name: runtimes[name] for name in self.settings.tiers}  # in tier order; off ones drop out
-        if old is not None:
-            self._retire(old)
-        log.info("tier %s now serves %s", tier, staged.config.model_id if staged else "nothing (off)")
-        self.start_idle_watch()
-
-    def _retire(self, old: TierRuntime) -> None:
-        if old.worker is None and old.loading is None:
-            return
-        old.drained = asyncio.Event()
-        self._retiring.append(old)
-        task = asyncio.ensure_future(self._drain_and_unload(old))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _drain_and_unload(self, old: TierRuntime) -> None:
-        """Unload a swapped-out model once its requests are done; after DRAIN_TIMEOUT, cancel the rest."""
-        assert old.drained is not None
-        try:
-            if old.loading is not None:  # requests waiting for it get it first
-                await asyncio.wait([old.loading])
-            deadline = time.monotonic() + self.settings.drain_timeout
-            while old.in_flight > 0 and time.monotonic() < deadline:
-                old.drained.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(old.drained.wait(), deadline - time.monotonic())
-            if old.in_flight:
-                log.warning("tier %s: cancelling %d request(s) still on the old model", old.config.name, old.in_flight)
-            await self._unload(old)  # its worker is taken before any await: no new lease gets it
-        finally:
-            self._retiring.remove(old)
+        those settings again (None): the new model loads beside the old one, which unloads once its
+        requests are done (manager/tier_changes.py)."""
+        await self.tier_changes.change_tier(tier, changes)

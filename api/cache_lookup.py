@@ -11,8 +11,9 @@ from typing import Any
 from fastapi import Request
 
 from api.state import app_state
-from cache import ResponseCache, normalise_request, request_key, text_keys
+from cache import ResponseCache
 from config import TierConfig
+from core.cache_keys import normalise_request, request_key, text_keys
 from middleware import request_context
 
 

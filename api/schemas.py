@@ -94,7 +94,7 @@ class _Body(BaseModel):
 
 
 class _Request(_Body):
-    """A request whose answer may be cached: cache.py classifies every field (keyed or ignored)."""
+    """A request whose answer may be cached: core/cache_keys.py classifies every field (keyed or ignored)."""
 
     # high, normal or low (api/priority.py checks it); left out of dumps: not part of the cache key, and
     # never passed to an upstream (vLLM reads its own integer `priority`)

@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from cache import IGNORED_FIELDS, ResponseCache, is_deterministic, request_key
+from cache import ResponseCache
 from config import TierConfig
+from core.cache_keys import IGNORED_FIELDS, is_deterministic, request_key
 from core.events import DoneEvent, Event, TextEvent
 from core.turns import Choice, JsonObject, JsonValue, Turn, TurnRequest
 

@@ -1,7 +1,7 @@
 """A swap that cannot load the new model beside the old one under `MAX_MEMORY_GB`: drain, unload, load.
 
-`ModelManager.change_tier` first loads the new model beside the old one, so nothing waits. When the
-memory budget cannot hold both, it comes here instead:
+`ModelManager.change_tier` first loads the new model beside the old one (tier_changes.py), so nothing
+waits. When the memory budget cannot hold both, it comes here instead:
 
 1. new requests for the tier wait at a gate (up to the tier's `{TIER}_QUEUE_TIMEOUT`, then 503);
 2. requests already on the old model finish (up to `DRAIN_TIMEOUT`; what is left then is cancelled);
@@ -70,7 +70,7 @@ async def replace_in_place(manager: ModelManager, tier: str, old: TierRuntime, c
     await manager.unload_runtime(old)
     log.info("tier %s: old model drained and unloaded in %.2fs", tier, time.perf_counter() - started)
     try:
-        staged = await manager.stage(config)
+        staged = await manager.tier_changes.stage(config)
     except ServiceError as exc:
         reason = exc.message
     else:

@@ -19,10 +19,11 @@ import pytest
 import cache as cache_mod
 from api import schemas
 from api.schemas import ChatCompletionRequest
-from cache import (
+from cache import ResponseCache
+from config import TierConfig, load_settings
+from core.cache_keys import (
     IGNORED_FIELDS,
     KEYED_FIELDS,
-    ResponseCache,
     is_deterministic,
     normalise_request,
     request_key,
@@ -30,7 +31,6 @@ from cache import (
     unclassified_fields,
     unclassified_tier_fields,
 )
-from config import TierConfig, load_settings
 from tests.conftest import FAKE_ENV
 from tests.fakes import FakeRegistry
 
@@ -67,7 +67,7 @@ def test_every_request_field_is_classified_as_keyed_or_ignored() -> None:
     found = request_schemas()
     assert {cls.__name__ for cls in found} >= {"ChatCompletionRequest", "CompletionRequest"}
     for cls in found:
-        assert unclassified_fields(cls) == set(), f"{cls.__name__}: classify these fields in cache.KEYED_FIELDS"
+        assert unclassified_fields(cls) == set(), f"{cls.__name__}: classify these fields in cache_keys.KEYED_FIELDS"
         assert KEYED_FIELDS[cls.__name__] <= set(cls.model_fields), f"{cls.__name__}: stale keyed names"
 
 
@@ -555,8 +555,8 @@ def test_keys_made_by_earlier_versions_stay_valid() -> None:
     seam, the remote pools and sessions. A change here strands every disk entry: bump SCHEMA_VERSION
     deliberately instead, or keep new fields out of the key while they are unset."""
     from api.schemas import ChatCompletionRequest, CompletionRequest
-    from cache import IGNORED_FIELDS, request_key
     from config import load_settings
+    from core.cache_keys import IGNORED_FIELDS, request_key
 
     env = {"LIGHT_MODEL_PATH": "/models/fake-light.gguf", "EMBEDDING_MODEL_PATH": "", "RERANKER_MODEL_PATH": ""}
     tier = load_settings(env).tiers["light"]
