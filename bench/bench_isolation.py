@@ -37,7 +37,9 @@ from config import Settings, TierConfig, load_settings  # noqa: E402
 from core.events import DoneEvent, ErrorEvent  # noqa: E402
 from core.protocols import EmbeddingResult, Factory, GenerationJob, StepOutput  # noqa: E402
 from core.turns import ChatBackend, SamplingRequest, TurnRequest  # noqa: E402
-from model_manager import ModelManager, default_factories, rss_bytes  # noqa: E402
+from manager.factories import default_factories  # noqa: E402
+from manager.memory import rss_bytes  # noqa: E402
+from model_manager import ModelManager  # noqa: E402
 
 Results = dict[str, dict[str, list[float]]]
 MODES = ("thread", "process")
