@@ -49,6 +49,7 @@ def start_server(workdir: Path, **env: str) -> tuple[subprocess.Popen[bytes], st
         "PORT_FILE": str(port_file),
         "EMBEDDING_MODEL_PATH": "",
         "RERANKER_MODEL_PATH": "",
+        "SPEECH_MODEL_PATH": "",  # no Whisper: its libraries would be imported in the background mid-run
         "LIGHT_N_CTX": "1024",
         "LOG_LEVEL": "warning",
         "CACHE_DIR": str(workdir / "cache"),

@@ -57,6 +57,7 @@ def start_server(
         "PORT_FILE": str(port_file),
         "LIGHT_MODEL_PATH": "",
         "RERANKER_MODEL_PATH": "",
+        "SPEECH_MODEL_PATH": "",  # no Whisper: its libraries would be imported in the background mid-run
         "RERANKER_BACKEND": "",
         "ENABLE_CACHE": "false",
         "EMBEDDING_N_THREADS": str(threads) if threads else "",  # 0: the default, every core

@@ -110,6 +110,7 @@ def settings_for(mode: str, threads: int) -> dict[str, str]:
         "EMBEDDING_ISOLATION": mode,
         "EMBEDDING_N_THREADS": "1",
         "RERANKER_MODEL_PATH": "",
+        "SPEECH_MODEL_PATH": "",  # no Whisper: its libraries would be imported in the background mid-run
         "RERANKER_BACKEND": "",
         "ENABLE_CACHE": "false",
     }

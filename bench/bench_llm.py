@@ -122,6 +122,7 @@ def start_ours(
         "ENABLE_CACHE": "false",
         "EMBEDDING_MODEL_PATH": "",
         "RERANKER_MODEL_PATH": "",
+        "SPEECH_MODEL_PATH": "",  # no Whisper: its libraries would be imported in the background mid-run
         "LOG_LEVEL": "warning",
         **(extra or {}),
     }

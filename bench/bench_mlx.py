@@ -76,6 +76,7 @@ def start_ours(model: Path) -> tuple[subprocess.Popen[bytes], str]:
         "ENABLE_CACHE": "false",
         "EMBEDDING_MODEL_PATH": "",
         "RERANKER_MODEL_PATH": "",
+        "SPEECH_MODEL_PATH": "",  # no Whisper: its libraries would be imported in the background mid-run
         "LOG_LEVEL": "warning",
     }
     process = subprocess.Popen([sys.executable, str(ROOT / "server.py")], cwd=workdir, env=env)

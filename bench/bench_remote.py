@@ -107,6 +107,7 @@ def front(urls: list[str], **extra: str) -> Iterator[str]:
             "LIGHT_MODEL_PATH": "",
             "EMBEDDING_MODEL_PATH": "",
             "RERANKER_MODEL_PATH": "",
+            "SPEECH_MODEL_PATH": "",  # no Whisper: its libraries would be imported in the background mid-run
             "MEDIUM_UPSTREAMS": ",".join(urls),
             "MEDIUM_UPSTREAM_MODEL": "upstream-model",
             **extra,
