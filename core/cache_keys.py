@@ -28,26 +28,31 @@ SCHEMA_VERSION = 1  # bump when the key derivation or the stored value format ch
 # `messages` and drops the id, so two histories never share an entry, and keys made before sessions
 # existed stay valid.
 IGNORED_FIELDS = frozenset({"stream", "stream_options", "user", "store", "metadata", "session_id", "priority"})
+_SAMPLING = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "max_tokens",
+        "stop",
+        "seed",
+        "repeat_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+        "n",
+        "logprobs",
+        "logit_bias",
+    }
+)  # keyed by chat and completions alike
 KEYED_FIELDS: dict[str, frozenset[str]] = {
-    "ChatCompletionRequest": frozenset(
+    "ChatCompletionRequest": _SAMPLING
+    | frozenset(
         {
             "model",
             "messages",
-            "temperature",
-            "top_p",
-            "top_k",
-            "min_p",
-            "max_tokens",
             "max_completion_tokens",
-            "stop",
-            "seed",
-            "repeat_penalty",
-            "frequency_penalty",
-            "presence_penalty",
-            "n",
-            "logprobs",
             "top_logprobs",
-            "logit_bias",
             "tools",
             "tool_choice",
             "parallel_tool_calls",
@@ -72,23 +77,11 @@ KEYED_FIELDS: dict[str, frozenset[str]] = {
             "truncation",
         }
     ),
-    "CompletionRequest": frozenset(
+    "CompletionRequest": _SAMPLING
+    | frozenset(
         {
             "model",
             "prompt",
-            "temperature",
-            "top_p",
-            "top_k",
-            "min_p",
-            "max_tokens",
-            "stop",
-            "seed",
-            "repeat_penalty",
-            "frequency_penalty",
-            "presence_penalty",
-            "n",
-            "logprobs",
-            "logit_bias",
             "echo",
             "suffix",
             "best_of",
