@@ -45,7 +45,8 @@ def build_sampler(lib: Any, n_vocab: int, params: SamplingParams) -> PrunedSampl
     if params.logit_bias:
         biases = (lib.llama_logit_bias * len(params.logit_bias))(*params.logit_bias)
         add(lib.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases))
-    first_top_k = 0
+    keep_first = 0  # what the chain's first top-k after the bias keeps (0: no top-k yet)
+    whole = False  # a sampler before any top-k reads every token: the chain cannot be pruned
     repeat = params.repeat_penalty or 1.0
     if repeat != 1.0 or params.frequency_penalty or params.presence_penalty:
         keep = 1 if params.temperature <= 0.0 else params.top_k
@@ -53,10 +54,10 @@ def build_sampler(lib: Any, n_vocab: int, params: SamplingParams) -> PrunedSampl
             # Penalties only lower logits, and of at most PENALTY_WINDOW tokens, so the top `keep` after
             # them lie within the top keep + PENALTY_WINDOW before them. Pruning first makes the
             # penalty pass ~100 candidates instead of the whole vocabulary (2 ms -> 0.4 ms on Gemma).
-            first_top_k = keep + PENALTY_WINDOW
-            add(lib.llama_sampler_init_top_k(first_top_k))
+            keep_first = keep + PENALTY_WINDOW
+            add(lib.llama_sampler_init_top_k(keep_first))
         else:
-            first_top_k = -1  # the penalties see every token first
+            whole = True
         add(
             lib.llama_sampler_init_penalties(
                 n_vocab, PENALTY_WINDOW, repeat, params.frequency_penalty, params.presence_penalty
@@ -64,17 +65,16 @@ def build_sampler(lib: Any, n_vocab: int, params: SamplingParams) -> PrunedSampl
         )
     if params.temperature <= 0.0:
         add(lib.llama_sampler_init_greedy())
-        return PrunedSampler(chain, 1 if first_top_k == 0 else max(first_top_k, 0), biased)
+        return PrunedSampler(chain, 0 if whole else keep_first or 1, biased)  # greedy keeps one token
     if params.top_k > 0:
         add(lib.llama_sampler_init_top_k(params.top_k))
-        if first_top_k == 0:
-            first_top_k = params.top_k
+        keep_first = keep_first or params.top_k
     if params.top_p < 1.0:
         add(lib.llama_sampler_init_top_p(params.top_p, 1))
     add(lib.llama_sampler_init_temp(params.temperature))
     seed = params.seed if params.seed is not None else random.getrandbits(32)
     add(lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-    return PrunedSampler(chain, max(first_top_k, 0), biased)
+    return PrunedSampler(chain, 0 if whole else keep_first, biased)
 
 
 def candidates(logits: np.ndarray, keep: int, biased: np.ndarray) -> np.ndarray | None:
